@@ -1,0 +1,246 @@
+"""What every task of the suite shares: the backbone from flat options, optimizer and schedule from the
+config, parameter groups without weight decay, metric collections per stage, and one shared step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+from mobilenets.backbone.mobilenet import Activation, MobileNetV1, Padding
+from mobilenets.backbone.profile import Profile, profile_model
+
+Stage = Literal["train", "val", "test"]
+OptimizerName = Literal["rmsprop", "sgd", "adamw"]
+SchedulerName = Literal["cosine", "step", "none"]
+#: Inputs scaled to [-1, 1]: what timm's and Keras' MobileNet v1 ImageNet weights expect.
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Depthwise filters, norm layers and biases: the parameters trained without weight decay.
+
+    The paper: "it is important to put very little or no weight decay (l2 regularization) on the
+    depthwise filters since there are so few parameters in them".
+    """
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        is_depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+        for param_name, _ in module.named_parameters(recurse=False):
+            if is_depthwise or is_norm or param_name == "bias":
+                names.add(prefix + param_name)
+    return names
+
+
+class BaseTask(pl.LightningModule):
+    """Shared base of every task: backbone options, optimisation, metrics and the shared step.
+
+    A task overrides ``configure_models`` (build ``self.backbone`` via ``build_backbone`` and its heads),
+    ``configure_losses``, ``configure_metrics`` (return a ``MetricCollection`` or None) and ``_shared_step``.
+
+    Args:
+        width_mult: the backbone's width multiplier α.
+        input_size: the input resolution (the resolution multiplier ρ = input_size / 224).
+        activation: ``relu`` (paper) or ``relu6`` (TF/Keras weights).
+        padding: ``torch`` or ``tf`` ("SAME", needed for Keras weights).
+        bn_eps: batch-norm epsilon (1e-5; Keras weights use 1e-3).
+        weights: a local ImageNet weight file (timm .safetensors/.pth, Keras .h5) or a checkpoint of this
+            project (.ckpt) loaded into the backbone; None trains from scratch.
+        dropout: dropout before the classifier.
+        freeze_backbone_epochs: train only the heads for this many epochs, then fine-tune everything.
+        optimizer: ``rmsprop`` (as the paper trained), ``sgd`` (momentum) or ``adamw``.
+        lr: peak learning rate.
+        momentum: momentum of RMSprop and SGD.
+        weight_decay: L2 / decoupled weight decay on the parameters that take it.
+        decay_depthwise_and_norm: also decay depthwise filters, norm layers and biases (off by default).
+        scheduler: ``cosine`` to zero, ``step`` (multiply by ``step_gamma`` every ``step_epochs``) or ``none``.
+        warmup_epochs: linear warm-up from 1% of ``lr``, counted in (fractional) epochs of optimizer steps.
+        step_epochs: epochs between steps of the ``step`` schedule.
+        step_gamma: factor of the ``step`` schedule.
+    """
+
+    def __init__(
+        self,
+        width_mult: float = 1.0,
+        input_size: int = 224,
+        activation: Activation = "relu",
+        padding: Padding = "torch",
+        bn_eps: float = 1e-5,
+        weights: str | None = None,
+        dropout: float = 0.001,
+        freeze_backbone_epochs: int = 0,
+        optimizer: OptimizerName = "rmsprop",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 4e-5,
+        decay_depthwise_and_norm: bool = False,
+        scheduler: SchedulerName = "cosine",
+        warmup_epochs: float = 0.0,
+        step_epochs: int = 30,
+        step_gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if input_size < 32:
+            raise ValueError(f"input_size must be at least 32 px, got {input_size}")
+        if freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {freeze_backbone_epochs}")
+        self.save_hyperparameters()
+        self.backbone: MobileNetV1
+        self.configure_models()
+        self.configure_losses()
+        metrics = self.configure_metrics()
+        self.stage_metrics = nn.ModuleDict(
+            {stage: metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")} if metrics else {}
+        )
+
+    # ------------------------------------------------------------------ hooks for tasks
+    def configure_models(self) -> None:
+        self.backbone = self.build_backbone(num_classes=0)
+
+    def configure_losses(self) -> None:
+        """Set up loss modules (optional)."""
+
+    def configure_metrics(self) -> MetricCollection | None:
+        return None
+
+    def _shared_step(self, batch: Any, stage: Stage) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ backbone
+    def build_backbone(self, num_classes: int = 0, **overrides: Any) -> MobileNetV1:
+        """The MobileNet of this task's options, with ``weights`` loaded when set."""
+        hp = self.hparams
+        options: dict[str, Any] = dict(
+            num_classes=num_classes,
+            width_mult=hp.width_mult,
+            dropout=hp.dropout,
+            activation=hp.activation,
+            padding=hp.padding,
+            bn_eps=hp.bn_eps,
+        )
+        options.update(overrides)
+        backbone = MobileNetV1(**options)
+        if hp.weights:
+            from mobilenets.backbone.weights import load_pretrained
+
+            load_pretrained(backbone, Path(hp.weights))
+        return backbone
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std the inputs are normalised with (matches the ImageNet weights)."""
+        return DEFAULT_MEAN, DEFAULT_STD
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        size = self.hparams.input_size
+        return torch.zeros(batch_size, 3, size, size)
+
+    def profile(self) -> Profile:
+        """Mult-adds and parameters of the whole task model at its input size."""
+        return profile_model(self, self.hparams.input_size)
+
+    def paper_figures(self) -> tuple[float, float] | None:
+        """The paper's (million mult-adds, million parameters) for this configuration, if it has a row."""
+        return None
+
+    # ------------------------------------------------------------------ export contract
+    def export_module(self) -> nn.Module:
+        """The inference network to export (image batch in, tensors out; no Python-side post-processing)."""
+        return self
+
+    def export_metadata(self) -> dict[str, str]:
+        """What a deployer needs beside the network (written as ONNX metadata properties)."""
+        mean, std = self.normalization
+        return {
+            "task": type(self).__name__,
+            "input_size": str(self.hparams.input_size),
+            "mean": ",".join(map(str, mean)),
+            "std": ",".join(map(str, std)),
+        }
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def log_metrics(self, stage: Stage, preds: Any, target: Any, batch_size: int) -> None:
+        """Update the stage's metric collection and log it per epoch."""
+        if stage not in self.stage_metrics:
+            return
+        collection = self.stage_metrics[stage]
+        collection.update(preds, target)
+        self.log_dict(collection, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ freezing schedule
+    def on_fit_start(self) -> None:
+        self._apply_freeze_schedule()
+
+    def on_train_epoch_start(self) -> None:
+        self._apply_freeze_schedule()
+
+    def _apply_freeze_schedule(self) -> None:
+        if self.hparams.freeze_backbone_epochs <= 0:
+            return
+        if self.current_epoch < self.hparams.freeze_backbone_epochs:
+            self.backbone.freeze()
+        else:
+            self.backbone.unfreeze()
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Two groups: with and without weight decay (all parameters, frozen ones included, so that
+        unfreezing later needs no new optimizer)."""
+        hp = self.hparams
+        if hp.decay_depthwise_and_norm or hp.weight_decay == 0:
+            return [{"params": list(self.parameters()), "weight_decay": hp.weight_decay}]
+        skip = no_decay_parameter_names(self)
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            (no_decay if name in skip else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "rmsprop":
+            # TF's RMSProp defaults that the paper's training used: decay 0.9, epsilon 1.0.
+            optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
+                groups, lr=hp.lr, alpha=0.9, eps=1.0, momentum=hp.momentum
+            )
+        elif hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        steps_per_epoch = max(total_steps / max_epochs, 1.0)
+        warmup_steps = int(hp.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return 0.01 + 0.99 * step / warmup_steps
+            if hp.scheduler == "cosine":
+                progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            if hp.scheduler == "step":
+                return hp.step_gamma ** int(step / steps_per_epoch // max(hp.step_epochs, 1))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,76 @@
+"""The ``mobilenets`` command: LightningCLI's fit/validate/test/predict plus the project's subcommands."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+#: Project subcommands: name → (module whose ``main(argv)`` runs it, one-line help).
+#: Modules are imported only when their command runs, so ``mobilenets --help`` stays fast.
+PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
+    "profile": (
+        "mobilenets.tasks.profile_cmd",
+        "million mult-adds and parameters of a backbone or task config; --paper reprints Tables 3-9",
+    ),
+    "demo": ("mobilenets.tasks.demo", "generate small datasets in the real formats and run every task end to end"),
+}
+
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a task from a YAML config (--config configs/<file>.yaml)",
+    "validate": "run the validation loop of a config on a checkpoint (--ckpt_path)",
+    "test": "run the test loop, print the task's paper-style table and write its plots",
+    "predict": "run a trained task on new images and write its predictions",
+}
+
+
+def print_help() -> None:
+    print("usage: mobilenets <command> [options]\n")
+    print("MobileNet v1 transfer-learning suite (Howard et al. 2017).\n\ncommands:")
+    width = max(len(name) for name in [*LIGHTNING_COMMANDS, *PROJECT_COMMANDS]) + 2
+    for name, text in LIGHTNING_COMMANDS.items():
+        print(f"  {name:<{width}}{text}")
+    for name, (_, text) in PROJECT_COMMANDS.items():
+        print(f"  {name:<{width}}{text}")
+    print("\n'mobilenets <command> --help' shows a command's options.")
+
+
+def lightning_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> Any:
+    """Run LightningCLI with the suite's base classes (any task, any datamodule, by class_path)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.cli import LightningCLI
+
+    from mobilenets.tasks.base import BaseTask
+
+    return LightningCLI(
+        BaseTask,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_help()
+        return 0
+    command = argv[0]
+    if command in PROJECT_COMMANDS:
+        module = importlib.import_module(PROJECT_COMMANDS[command][0])
+        return int(module.main(argv[1:]) or 0)
+    if command in LIGHTNING_COMMANDS:
+        lightning_cli(argv)
+        return 0
+    print(f"mobilenets: unknown command {command!r}\n", file=sys.stderr)
+    print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
