@@ -102,7 +102,9 @@ class ConvBNAct(nn.Sequential):
         bn_eps: float = 1e-5,
     ) -> None:
         if padding == "tf":
-            conv: nn.Conv2d = Conv2dSame(in_channels, out_channels, kernel_size, stride, groups=groups, bias=False)
+            conv: nn.Conv2d = Conv2dSame(
+                in_channels, out_channels, kernel_size, stride, groups=groups, bias=False
+            )
         else:
             conv = nn.Conv2d(
                 in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
@@ -204,7 +206,9 @@ class MobileNetV1(nn.Module):
             if shallow and index in SHALLOW_REMOVED_BLOCKS:
                 continue
             out_channels = scaled_channels(out_base, width_mult)
-            blocks[f"block{index}"] = block_cls(channels, out_channels, block_stride, activation, padding, bn_eps)
+            blocks[f"block{index}"] = block_cls(
+                channels, out_channels, block_stride, activation, padding, bn_eps
+            )
             channels, stride = out_channels, stride * block_stride
             taps.append(FeatureTap(f"block{index}", channels, stride))
         self.blocks = nn.Sequential(blocks)

@@ -44,7 +44,7 @@ class ClassificationTransform:
                 steps.append(A.HorizontalFlip(p=0.5))
             steps += [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8), normalize]
         else:
-            resize_to = int(round(input_size / CROP_FRACTION))
+            resize_to = round(input_size / CROP_FRACTION)
             steps = [
                 A.SmallestMaxSize(max_size=resize_to),
                 A.CenterCrop(height=input_size, width=input_size),
@@ -55,7 +55,7 @@ class ClassificationTransform:
     @property
     def decode_size(self) -> int:
         """The shorter side the decoder may reduce a JPEG to without losing resolution."""
-        return self.input_size if self.train else int(round(self.input_size / CROP_FRACTION))
+        return self.input_size if self.train else round(self.input_size / CROP_FRACTION)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return to_chw_tensor(self.pipeline(image=image)["image"])

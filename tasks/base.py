@@ -3,6 +3,7 @@ config, parameter groups without weight decay, metric collections per stage, and
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,27 @@ DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as expected; the message names the file."""
+
+
+TASK_CLASS_KEY = "mobilenets_task"
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a Lightning checkpoint, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, pickle with code objects, ...
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: expected a Lightning checkpoint with a 'state_dict' entry")
+    return checkpoint
+
+
 def no_decay_parameter_names(model: nn.Module) -> set[str]:
     """Depthwise filters, norm layers and biases: the parameters trained without weight decay.
 
@@ -32,7 +54,9 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     names: set[str] = set()
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        is_depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        is_depthwise = (
+            isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        )
         is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
         for param_name, _ in module.named_parameters(recurse=False):
             if is_depthwise or is_norm or param_name == "bias":
@@ -98,7 +122,9 @@ class BaseTask(pl.LightningModule):
         self.configure_losses()
         metrics = self.configure_metrics()
         self.stage_metrics = nn.ModuleDict(
-            {stage: metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")} if metrics else {}
+            {stage: metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
+            if metrics
+            else {}
         )
 
     # ------------------------------------------------------------------ hooks for tasks
@@ -150,6 +176,32 @@ class BaseTask(pl.LightningModule):
     def paper_figures(self) -> tuple[float, float] | None:
         """The paper's (million mult-adds, million parameters) for this configuration, if it has a row."""
         return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TASK_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    @staticmethod
+    def load_task(path: str | Path, map_location: str = "cpu", **overrides: Any) -> BaseTask:
+        """Rebuild any task from one of its Lightning checkpoints (no need to know its class).
+
+        ImageNet ``weights`` are not reloaded (the checkpoint holds the trained ones); ``overrides``
+        replace saved hyperparameters. The model is returned in eval mode.
+        """
+        path = Path(path)
+        checkpoint = read_checkpoint(path, map_location)
+        class_path = checkpoint.get(TASK_CLASS_KEY)
+        if not isinstance(class_path, str):
+            raise CheckpointError(
+                f"{path}: not a checkpoint of a mobilenets task (no '{TASK_CLASS_KEY}' entry)"
+            )
+        module_name, _, class_name = class_path.rpartition(".")
+        task_cls = getattr(importlib.import_module(module_name), class_name)
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        hparams.update({"weights": None, **overrides})
+        model = task_cls(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
 
     # ------------------------------------------------------------------ export contract
     def export_module(self) -> nn.Module:

@@ -14,7 +14,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "mobilenets.tasks.profile_cmd",
         "million mult-adds and parameters of a backbone or task config; --paper reprints Tables 3-9",
     ),
-    "demo": ("mobilenets.tasks.demo", "generate small datasets in the real formats and run every task end to end"),
+    "demo": (
+        "mobilenets.tasks.demo",
+        "generate small datasets in the real formats and run every task end to end",
+    ),
 }
 
 LIGHTNING_COMMANDS: dict[str, str] = {

@@ -52,7 +52,9 @@ def run_demo(root: Path, quick: bool) -> list[DemoRow]:
 
 
 def format_summary(rows: list[DemoRow]) -> str:
-    widths = [max(len(getattr(r, f)) for r in rows) for f in ("task", "metric", "value")] if rows else [4, 6, 5]
+    widths = (
+        [max(len(getattr(r, f)) for r in rows) for f in ("task", "metric", "value")] if rows else [4, 6, 5]
+    )
     widths = [max(w, len(h)) for w, h in zip(widths, ("task", "metric", "ours"))]
     header = f"{'task':<{widths[0]}}  {'metric':<{widths[1]}}  {'ours':<{widths[2]}}  paper"
     lines = [header, "-" * (len(header) + 12)]

@@ -73,7 +73,9 @@ def main(argv: list[str]) -> int:
             parser.error(f"--input-size must be at least 32, got {args.input_size}")
         name = f"{args.width_mult:g} MobileNet-{args.input_size}"
         name += " (conv)" if args.full_conv else " (shallow)" if args.shallow else ""
-        prof = profile_backbone(args.width_mult, args.input_size, args.num_classes, args.full_conv, args.shallow)
+        prof = profile_backbone(
+            args.width_mult, args.input_size, args.num_classes, args.full_conv, args.shallow
+        )
         rows.append((name, prof, None))
     print(format_profile_table(rows))
     return 0
