@@ -198,7 +198,7 @@ def format_paper_tables() -> str:
             f"{row.model:<28}{row.mult_adds:>12.1f}{ours.million_mult_adds:>9.1f}"
             f"{relative_difference(ours.million_mult_adds, row.mult_adds):>+8.1%}"
             f"{row.parameters:>14.2f}{ours.million_parameters:>8.2f}"
-            f"{relative_difference(ours.million_parameters, row.parameters):>+8.1%}"
+            f"{relative_difference(ours.million_parameters, row.parameters):>+8.1%}{_agreement(ours, row)}"
         )
     table = None
     for row in PAPER_IMAGENET_ROWS:
@@ -226,7 +226,7 @@ def format_paper_tables() -> str:
     return "\n".join(lines)
 
 
-def _agreement(ours: Profile, row: PaperRow) -> str:
+def _agreement(ours: Profile, row: PaperRow | LayerRow) -> str:
     agree = agrees_with_paper(ours.million_mult_adds, row.mult_adds) and agrees_with_paper(
         ours.million_parameters, row.parameters
     )

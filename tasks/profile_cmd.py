@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from mobilenets.backbone.profile import (
+    PAPER_IMAGENET_ROWS,
     Profile,
     format_paper_tables,
     format_profile_table,
@@ -47,6 +48,20 @@ def instantiate_model_from_config(path: Path, overrides: dict[str, Any] | None =
     return parser.instantiate_classes(namespace).model
 
 
+def paper_row_for(args: argparse.Namespace) -> tuple[float, float] | None:
+    """The paper's ImageNet figures for this backbone, when the paper has such a row."""
+    for row in PAPER_IMAGENET_ROWS:
+        same = (row.width_mult, row.input_size, row.full_conv, row.shallow) == (
+            args.width_mult,
+            args.input_size,
+            args.full_conv,
+            args.shallow,
+        )
+        if same:
+            return row.mult_adds, row.parameters
+    return None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mobilenets profile", description=__doc__)
     parser.add_argument("--config", type=Path, action="append", default=[], help="task config(s) to profile")
@@ -76,6 +91,6 @@ def main(argv: list[str]) -> int:
         prof = profile_backbone(
             args.width_mult, args.input_size, args.num_classes, args.full_conv, args.shallow
         )
-        rows.append((name, prof, None))
+        rows.append((name, prof, paper_row_for(args) if args.num_classes == 1000 else None))
     print(format_profile_table(rows))
     return 0
