@@ -18,6 +18,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "mobilenets.tasks.demo",
         "generate small datasets in the real formats and run every task end to end",
     ),
+    "faces": ("mobilenets.tasks.faces_cli", "face-embedding search indexes: index build|add|remove|info, search"),
 }
 
 LIGHTNING_COMMANDS: dict[str, str] = {
@@ -75,5 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def console_main() -> int:
+    """Entry point of the console script: like ``main`` but quiet when piped into ``head``."""
+    try:
+        return main()
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
