@@ -24,6 +24,33 @@ DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
+class StageMetrics(nn.Module):
+    """One metric collection per stage, indexed by stage name.
+
+    ``nn.ModuleDict`` cannot hold the key ``"train"`` (it is an ``nn.Module`` method), so each collection is
+    registered as ``<stage>_metrics``.
+    """
+
+    def __init__(
+        self, metrics: MetricCollection | None = None, stages: tuple[str, ...] = ("train", "val", "test")
+    ):
+        super().__init__()
+        if metrics is not None:
+            for stage in stages:
+                self[stage] = metrics.clone(prefix=f"{stage}/")
+
+    def __setitem__(self, stage: str, collection: MetricCollection) -> None:
+        self.add_module(f"{stage}_metrics", collection)
+
+    def __getitem__(self, stage: str) -> MetricCollection:
+        if f"{stage}_metrics" not in self._modules:
+            raise KeyError(stage)
+        return self._modules[f"{stage}_metrics"]  # type: ignore[return-value]
+
+    def __contains__(self, stage: object) -> bool:
+        return f"{stage}_metrics" in self._modules
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as expected; the message names the file."""
 
@@ -120,12 +147,7 @@ class BaseTask(pl.LightningModule):
         self.backbone: MobileNetV1
         self.configure_models()
         self.configure_losses()
-        metrics = self.configure_metrics()
-        self.stage_metrics = nn.ModuleDict(
-            {stage: metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
-            if metrics
-            else {}
-        )
+        self.install_metrics()
 
     # ------------------------------------------------------------------ hooks for tasks
     def configure_models(self) -> None:
@@ -136,6 +158,13 @@ class BaseTask(pl.LightningModule):
 
     def configure_metrics(self) -> MetricCollection | None:
         return None
+
+    #: the stages whose metric collection ``install_metrics`` creates
+    metric_stages: tuple[Stage, ...] = ("train", "val", "test")
+
+    def install_metrics(self) -> None:
+        """(Re)create the per-stage collections from ``configure_metrics`` (e.g. once the class count is known)."""
+        self.stage_metrics = StageMetrics(self.configure_metrics(), self.metric_stages)
 
     def _shared_step(self, batch: Any, stage: Stage) -> torch.Tensor:
         raise NotImplementedError

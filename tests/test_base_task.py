@@ -164,3 +164,29 @@ def test_bad_task_options() -> None:
         TinyClassifier(input_size=16)
     with pytest.raises(ValueError, match="freeze_backbone_epochs must be >= 0"):
         TinyClassifier(freeze_backbone_epochs=-1)
+
+
+class MeteredClassifier(TinyClassifier):
+    metric_stages = ("train", "val")
+
+    def configure_metrics(self):
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import MulticlassAccuracy
+
+        return MetricCollection({"top1": MulticlassAccuracy(3)})
+
+    def _shared_step(self, batch, stage):
+        images, labels = batch
+        logits = self.backbone(images)
+        self.log_metrics(stage, logits, labels, len(images))
+        return nn.functional.cross_entropy(logits, labels)
+
+
+def test_metric_collections_per_stage_are_logged(tmp_path) -> None:
+    task = MeteredClassifier(width_mult=0.25, input_size=32)
+    assert "train" in task.stage_metrics and "val" in task.stage_metrics and "test" not in task.stage_metrics
+    assert task.stage_metrics["train"] is not task.stage_metrics["val"]
+    trainer = fit(task, tmp_path, epochs=1)
+    assert {"train/top1", "val/top1"} <= set(trainer.callback_metrics)
+    with pytest.raises(KeyError):
+        task.stage_metrics["test"]
