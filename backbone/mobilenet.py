@@ -223,7 +223,9 @@ class MobileNetV1(nn.Module):
     def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                # He init by fan-in keeps activations alive through 13 blocks even in eval mode; fan-out
+                # ignores groups, making depthwise filters √C times too small (activations ~1e-17 at block 13).
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

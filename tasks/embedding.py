@@ -102,18 +102,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return (student - teacher).pow(2).sum(1).mean()
 
 
-def reinit_depthwise_fan_in(model: nn.Module) -> None:
-    """He-initialise depthwise filters by their fan-in (9 taps) for training from scratch.
-
-    A fan-out init of a depthwise 3x3 filter is √C times too small, so activations shrink ~10x per block;
-    batch statistics hide that in training, but the eval-mode running statistics of a briefly trained model
-    then map every face to the same embedding.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-
-
 class _TeacherBatch:
     """Paths → the teacher's input batch (eval crop at the teacher's size and normalisation)."""
 
@@ -180,8 +168,6 @@ class FaceEmbedder(BaseTask):
     # ------------------------------------------------------------------ model
     def configure_models(self) -> None:
         self.backbone = self.build_backbone(num_classes=0)
-        if not self.hparams.weights:
-            reinit_depthwise_fan_in(self.backbone)
         # Batch norm on the projection centres the embeddings: without it the shared (all-positive, post-ReLU)
         # component of the pooled features dominates and every cosine starts near 1. Its running statistics
         # are the plain average over the latest training epoch (reset each epoch, momentum None), so that

@@ -142,3 +142,11 @@ def test_too_small_input_is_a_clear_error() -> None:
         model(torch.randn(1, 3, 31, 40))
     with pytest.raises(ValueError, match="expected an image batch of shape"):
         model(torch.randn(3, 64, 64))
+
+
+def test_initialisation_keeps_activations_alive_through_depthwise_blocks() -> None:
+    model = MobileNetV1(num_classes=0, width_mult=0.5).eval()
+    depthwise = model.blocks.block5.dw.conv.weight
+    assert abs(float(depthwise.std()) - (2.0 / 9) ** 0.5) < 0.1
+    features = model.forward_features(torch.randn(4, 3, 64, 64))
+    assert float(features.std()) > 0.02  # a fan-out init leaves ~1e-17 here
