@@ -328,6 +328,7 @@ class MobileNetV1(nn.Module):
             for param in module.parameters():
                 param.requires_grad_(True)
             module._frozen = False  # type: ignore[assignment]
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> MobileNetV1:
         super().train(mode)

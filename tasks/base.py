@@ -209,6 +209,10 @@ class BaseTask(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # The checkpoint holds the trained weights: the ImageNet file it started from is not needed to
+        # rebuild it (LightningCLI copies these hyperparameters over the config for --ckpt_path).
+        if isinstance(checkpoint.get("hyper_parameters"), dict):
+            checkpoint["hyper_parameters"]["weights"] = None
 
     @staticmethod
     def load_task(path: str | Path, map_location: str = "cpu", **overrides: Any) -> BaseTask:

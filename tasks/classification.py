@@ -1,0 +1,430 @@
+"""Fine-grained image classification on the MobileNet backbone (the paper's Table 10, Stanford Dogs).
+
+``ImageClassifier`` fine-tunes the backbone plus a linear classifier with label smoothing; its test loop
+prints top-1 beside the model's mult-adds and parameters as Table 10 does and writes a confusion-matrix
+PNG and a per-class accuracy CSV; its predict loop writes the top-5 classes of each image to a CSV.
+The class names travel in the checkpoint (hyperparameter ``class_names``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from mobilenets.tasks.base import BaseTask, Stage
+
+log = logging.getLogger(__name__)
+
+#: Table 10 (Stanford Dogs, 120 classes): (α, input size) → (top-1 %, million mult-adds, million params).
+PAPER_TABLE10: dict[tuple[float, int], tuple[float, float, float]] = {
+    (1.0, 224): (83.3, 569, 3.3),
+    (0.75, 224): (81.9, 325, 1.9),
+    (1.0, 192): (81.9, 418, 3.3),
+    (0.75, 192): (80.5, 239, 1.9),
+}
+STANFORD_DOGS_CLASSES = 120
+
+
+class ClassNamesError(ValueError):
+    """Class names that do not fit the model or the data; the message says which counts differ."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written outputs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+class ImageClassifier(BaseTask):
+    """MobileNet backbone + dropout + linear classifier, trained with label-smoothed cross-entropy.
+
+    Args:
+        num_classes: classifier outputs; None takes the count from the datamodule's ``class_names``.
+        class_names: names by class index (set from the datamodule when None and saved in checkpoints,
+            so ``predict`` prints names).
+        label_smoothing: label smoothing of the cross-entropy loss.
+        predictions_file: CSV written by ``predict`` (default ``<log dir>/predictions.csv``).
+        **kwargs: the ``BaseTask`` options (width_mult, input_size, weights, optimizer, lr, ...).
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        label_smoothing: float = 0.1,
+        predictions_file: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if num_classes is not None and num_classes < 1:
+            raise ClassNamesError(
+                f"num_classes must be >= 1 (or null to take it from the data), got {num_classes}"
+            )
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ClassNamesError(
+                f"num_classes is {num_classes} but {len(class_names)} class_names were given"
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self._prediction_rows: list[list[Any]] = []
+        super().__init__(**kwargs)
+        # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
+        # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
+        self.predictions_file = predictions_file
+        self.hparams.pop("predictions_file", None)
+        self.last_predictions_path: Path | None = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def class_count(self) -> int | None:
+        names = self.hparams.get("class_names")
+        return len(names) if names else self.hparams.get("num_classes")
+
+    def configure_models(self) -> None:
+        self.backbone = self.build_backbone(num_classes=self.class_count or 0)
+
+    def configure_losses(self) -> None:
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
+
+    def configure_metrics(self) -> MetricCollection | None:
+        """Top-1, top-5 and mean per-class accuracy (None until the class count is known)."""
+        count = self.class_count
+        if not count:
+            return None
+        return MetricCollection(
+            {
+                "top1": MulticlassAccuracy(count, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(count, top_k=min(5, count), average="micro"),
+                "mean_class_acc": MulticlassAccuracy(count, top_k=1, average="macro"),
+            }
+        )
+
+    def _build_head(self, count: int) -> None:
+        self.backbone.reset_classifier(count)
+        self.install_metrics()
+
+    def setup(self, stage: str) -> None:
+        """Take the class names (and, when ``num_classes`` is None, the head size) from the datamodule."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_names = getattr(datamodule, "class_names", None)
+        if data_names is not None:
+            data_names = [str(n) for n in data_names]
+        if self.class_count is None:
+            if not data_names:
+                raise ClassNamesError(
+                    "num_classes is null and the datamodule has no class_names: set model num_classes"
+                )
+            self.hparams["class_names"] = data_names
+            self._build_head(len(data_names))
+        elif data_names and stage != "predict":
+            if len(data_names) != self.class_count:
+                raise ClassNamesError(
+                    f"the model has {self.class_count} classes but the data has {len(data_names)} "
+                    f"({data_names[:5]}...); set model num_classes to {len(data_names)} or null"
+                )
+            if not self.hparams.get("class_names"):
+                self.hparams["class_names"] = data_names
+            elif list(self.hparams["class_names"]) != data_names:
+                log.warning("class names of the checkpoint differ from the data's; keeping the checkpoint's")
+        size = getattr(datamodule, "input_size", None)
+        if size is not None and size != self.hparams.input_size:
+            log.warning("data input_size %s differs from model input_size %s", size, self.hparams.input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def class_name(self, index: int) -> str:
+        names = self.hparams.get("class_names")
+        return str(names[index]) if names else str(index)
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor:
+        images, target = batch["image"], batch["target"]
+        logits = self(images)
+        loss = self.criterion(logits, target)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=len(images),
+            prog_bar=stage != "test",
+            sync_dist=stage != "train",
+        )
+        self.log_metrics(stage, logits, target, len(images))
+        if stage == "test":
+            self.confusion.update(logits.argmax(1), target)
+        return loss
+
+    # ------------------------------------------------------------------ test report
+    def on_test_epoch_start(self) -> None:
+        count = self.class_count or 1
+        self.confusion = MulticlassConfusionMatrix(count).to(self.device)
+
+    def on_test_epoch_end(self) -> None:
+        matrix = self.confusion.compute().cpu()  # summed over processes under DDP
+        if not self.trainer.is_global_zero:
+            return
+        report = self.test_report(matrix)
+        print(report)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        self.write_per_class_csv(matrix, folder / "per_class_accuracy.csv")
+        self.plot_confusion(matrix, folder / "confusion_matrix.png")
+        print(f"wrote {folder / 'per_class_accuracy.csv'} and {folder / 'confusion_matrix.png'}")
+
+    def test_report(self, matrix: torch.Tensor) -> str:
+        """Table 10's columns for this model: top-1, million mult-adds, million parameters."""
+        total = int(matrix.sum())
+        top1 = 100.0 * float(matrix.diag().sum()) / max(total, 1)
+        profile = self.profile()
+        name = f"{self.hparams.width_mult:g} MobileNet-{self.hparams.input_size}"
+        lines = [
+            f"{'Model':<28}{'Top-1':>8}{'Million Mult-Adds':>20}{'Million Parameters':>21}",
+            f"{name + ' (ours)':<28}{top1:>7.1f}%{profile.million_mult_adds:>20.0f}"
+            f"{profile.million_parameters:>21.2f}",
+        ]
+        paper = PAPER_TABLE10.get((float(self.hparams.width_mult), int(self.hparams.input_size)))
+        if paper:
+            lines.append(f"{name + ' (paper, Dogs)':<28}{paper[0]:>7.1f}%{paper[1]:>20.0f}{paper[2]:>21.1f}")
+        lines.append(f"({total} test images, {self.class_count} classes)")
+        return "\n".join(lines)
+
+    def write_per_class_csv(self, matrix: torch.Tensor, path: Path) -> None:
+        rows: list[list[Any]] = [["class_index", "class_name", "images", "correct", "accuracy"]]
+        for index in range(matrix.shape[0]):
+            images, correct = int(matrix[index].sum()), int(matrix[index, index])
+            accuracy = f"{correct / images:.4f}" if images else ""
+            rows.append([index, self.class_name(index), images, correct, accuracy])
+        write_text_atomic(path, _csv_text(rows))
+
+    def plot_confusion(self, matrix: torch.Tensor, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        counts = matrix.double()
+        rates = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
+        size = min(4 + 0.12 * len(rates), 20)
+        figure, axis = plt.subplots(figsize=(size, size))
+        shown = axis.imshow(rates, cmap="viridis", vmin=0, vmax=1)
+        figure.colorbar(shown, ax=axis, fraction=0.046, label="share of the true class")
+        if len(rates) <= 40:
+            names = [self.class_name(i) for i in range(len(rates))]
+            axis.set_xticks(range(len(rates)), names, rotation=90, fontsize=7)
+            axis.set_yticks(range(len(rates)), names, fontsize=7)
+        axis.set_xlabel("predicted class")
+        axis.set_ylabel("true class")
+        axis.set_title(f"confusion matrix ({int(counts.sum())} test images)")
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.stem}.tmp.png")
+        figure.savefig(temp, dpi=120)
+        plt.close(figure)
+        os.replace(temp, path)
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        self._prediction_rows = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probabilities = self(batch["image"]).softmax(dim=1)
+        top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+        for path, indices, values in zip(batch["path"], top.indices.tolist(), top.values.tolist()):
+            row: list[Any] = [path]
+            for index, value in zip(indices, values):
+                row += [index, self.class_name(index), f"{value:.6f}"]
+            self._prediction_rows.append(row)
+        return {"path": list(batch["path"]), "top_indices": top.indices, "top_probabilities": top.values}
+
+    def prediction_path(self) -> Path:
+        if self.predictions_file:
+            path = Path(self.predictions_file)
+        else:
+            path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"
+        if self.trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self.trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_epoch_end(self) -> None:
+        k = min(5, self.class_count or 1)
+        header = ["path"]
+        for rank in range(1, k + 1):
+            header += [f"class{rank}_index", f"class{rank}_name", f"class{rank}_probability"]
+        path = self.prediction_path()
+        write_text_atomic(path, _csv_text([header, *self._prediction_rows]))
+        self.last_predictions_path = path
+        print(f"wrote top-{k} predictions of {len(self._prediction_rows)} images to {path}")
+
+    # ------------------------------------------------------------------ resuming
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # dropout draws from the global generator: keep its state so a resumed run continues the same
+        # random stream as an uninterrupted one (the data order is seeded per epoch by the sampler)
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("torch_rng_state")
+        if isinstance(state, torch.Tensor):
+            torch.set_rng_state(state.cpu())
+        cuda_states = checkpoint.get("cuda_rng_states")
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+    # ------------------------------------------------------------------ paper and export
+    def paper_figures(self) -> tuple[float, float] | None:
+        """Table 10's (million mult-adds, million parameters) for a 120-class Stanford Dogs model."""
+        if self.class_count != STANFORD_DOGS_CLASSES:
+            return None
+        row = PAPER_TABLE10.get((float(self.hparams.width_mult), int(self.hparams.input_size)))
+        return (row[1], row[2]) if row else None
+
+    def export_metadata(self) -> dict[str, str]:
+        metadata = super().export_metadata()
+        metadata["num_classes"] = str(self.class_count or 0)
+        if self.hparams.get("class_names"):
+            metadata["class_names"] = json.dumps(list(self.hparams["class_names"]))
+        return metadata
+
+
+# ---------------------------------------------------------------------- demo step
+def run_demo(root: Path, quick: bool) -> list[Any]:
+    """Generate a small Stanford-Dogs-layout dataset, fine-tune on it, test and predict (``mobilenets demo``)."""
+
+    root = Path(root)
+    threads = torch.get_num_threads()
+    if quick:  # a 0.25 MobileNet-48 step is ~20x slower on 2 contended threads than on one
+        torch.set_num_threads(1)
+    try:
+        return _run_demo(root, quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(root: Path, quick: bool) -> list[Any]:
+    from mobilenets.datasets.synthetic import make_stanford_dogs
+    from mobilenets.tasks.cli import lightning_cli
+    from mobilenets.tasks.demo import DemoRow
+
+    # from scratch (no ImageNet weights here): ~70 steps learn 4 classes, ~200 steps 8
+    classes, per_class, size, epochs = (4, 32, 48, 12) if quick else (8, 60, 96, 15)
+    data = make_stanford_dogs(
+        root / "stanford_dogs",
+        num_classes=classes,
+        train_per_class=per_class,
+        test_per_class=8,
+        size=(size * 4 // 3, size),
+        seed=0,
+    )
+    runs = root / "runs"
+    config: dict[str, Any] = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": epochs,
+            "default_root_dir": str(runs),
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.CSVLogger",
+                "init_args": {"save_dir": str(runs)},
+            },
+            "enable_progress_bar": not quick,
+            "enable_model_summary": False,
+            "log_every_n_steps": 5,
+        },
+        "model": {
+            "class_path": "mobilenets.tasks.classification.ImageClassifier",
+            "init_args": {
+                "width_mult": 0.25 if quick else 0.5,
+                "input_size": size,
+                "optimizer": "adamw",
+                "lr": 0.01,
+                "weight_decay": 1e-4,
+                "label_smoothing": 0.0,
+                "warmup_epochs": 0.5,
+            },
+        },
+        "data": {
+            "class_path": "mobilenets.datasets.stanford_dogs.StanfordDogsDataModule",
+            "init_args": {
+                "root": str(data.root),
+                "input_size": size,
+                "batch_size": 16,
+                "num_workers": 0 if quick else 2,
+                "train_scale": [0.35, 1.0],
+                "val_fraction": 0.25,
+            },
+        },
+    }
+    cli = lightning_cli({"fit": config})
+    val_top1 = float(cli.trainer.callback_metrics["val/top1"])
+    checkpoint = (
+        cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
+    )
+    tested = lightning_cli({"test": {**config, "ckpt_path": checkpoint}})
+    top1 = float(tested.trainer.callback_metrics["test/top1"])
+    predict_config = {**config, "ckpt_path": checkpoint}
+    predict_config["data"] = {
+        **config["data"],
+        "init_args": {**config["data"]["init_args"], "predict_dir": str(data.root / "Images")},
+    }
+    predict_config["model"] = {
+        **config["model"],
+        "init_args": {**config["model"]["init_args"], "predictions_file": str(root / "predictions.csv")},
+    }
+    lightning_cli({"predict": predict_config})
+    model = tested.model
+    profile = model.profile()
+    full = ImageClassifier(num_classes=STANFORD_DOGS_CLASSES, width_mult=1.0, input_size=224)
+    full_profile = full.profile()
+    return [
+        DemoRow(
+            "classification",
+            f"val top-1, {classes} generated breeds (from scratch, {epochs} epochs)",
+            f"{100 * val_top1:.1f}% (chance {100 / classes:.0f}%)",
+        ),
+        DemoRow(
+            "classification",
+            f"top-1, {classes} generated breeds ({data.num_test} test images)",
+            f"{100 * top1:.1f}% (chance {100 / classes:.0f}%)",
+            "83.3% (1.0 MobileNet-224, real Stanford Dogs)",
+        ),
+        DemoRow(
+            "classification",
+            f"{model.hparams.width_mult:g} MobileNet-{size} MAdds / params",
+            f"{profile.million_mult_adds:.1f}M / {profile.million_parameters:.2f}M",
+        ),
+        DemoRow(
+            "classification",
+            "1.0 MobileNet-224, 120 classes MAdds / params",
+            f"{full_profile.million_mult_adds:.0f}M / {full_profile.million_parameters:.2f}M",
+            "569M / 3.3M",
+        ),
+        DemoRow("classification", "predictions CSV", str(root / "predictions.csv")),
+    ]
