@@ -15,15 +15,27 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "million mult-adds and parameters of a backbone or task config; --paper reprints Tables 3-9",
     ),
     "geo": ("mobilenets.tasks.geo_cli", "PlaNet: 'geo partition' builds the S2 cell classes, 'geo cells'"),
-    "detect-eval": ("mobilenets.tasks.detection_eval", "COCO bbox evaluation of a detector checkpoint or a results JSON"),
+    "detect-eval": (
+        "mobilenets.tasks.detection_eval",
+        "COCO bbox evaluation of a detector checkpoint or a results JSON",
+    ),
     "demo": (
         "mobilenets.tasks.demo",
         "generate small datasets in the real formats and run every task end to end",
     ),
-    "faces": ("mobilenets.tasks.faces_cli", "face-embedding search indexes: index build|add|remove|info, search"),
-    "export": ("mobilenets.tasks.export", "checkpoint to ONNX/TorchScript (BN folded, verified); --int8 quantizes"),
+    "faces": (
+        "mobilenets.tasks.faces_cli",
+        "face-embedding search indexes: index build|add|remove|info, search",
+    ),
+    "export": (
+        "mobilenets.tasks.export",
+        "checkpoint to ONNX/TorchScript (BN folded, verified); --int8 quantizes",
+    ),
     "onnx-predict": ("mobilenets.tasks.onnx_predict", "run an exported .onnx model on images, write a CSV"),
-    "bench": ("mobilenets.tasks.bench_cmd", "speed report: eager, inference mode, compile, ONNX fp32/int8, timm"),
+    "bench": (
+        "mobilenets.tasks.bench_cmd",
+        "speed report: eager, inference mode, compile, ONNX fp32/int8, timm",
+    ),
 }
 
 LIGHTNING_COMMANDS: dict[str, str] = {
