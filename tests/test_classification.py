@@ -86,9 +86,9 @@ def test_configs_reproduce_table10_counts(config: Path) -> None:
     assert abs(profile.million_mult_adds - paper_madds) / paper_madds < 0.01
     assert abs(profile.million_parameters - paper_params) / paper_params < 0.01 + 0.05 / paper_params
     init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
-    if init_args["width_mult"] == 1.0:  # timm weights: PyTorch padding, ReLU
+    if init_args["width_mult"] == 1.0:  # timm weights: PyTorch padding, ReLU6 (timm's mobilenetv1_100)
         assert init_args["weights"] == "weights/mobilenetv1_100.safetensors"
-        assert (init_args["padding"], init_args["activation"]) == ("torch", "relu")
+        assert (init_args["padding"], init_args["activation"]) == ("torch", "relu6")
     else:  # Keras weights: TF "SAME" padding, ReLU6, BN eps 1e-3
         assert init_args["weights"] == f"weights/mobilenet_7_5_{init_args['input_size']}_tf.h5"
         assert (init_args["padding"], init_args["activation"], init_args["bn_eps"]) == ("tf", "relu6", 0.001)

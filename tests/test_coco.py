@@ -157,7 +157,9 @@ def test_train_transforms_keep_boxes_on_the_object(kind: str) -> None:
         assert len(out_boxes) == len(out_labels)
         for x0, y0, x1, y1 in out_boxes.round().int().tolist():
             inside = tensor[:, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]
-            assert inside.numel() > 0 and float(inside.min()) > 0.6  # the box still covers the white square
+            # the box still covers the white square: photometric distortion may darken it, but it stays the
+            # brightest thing in the image (zoom-out fill and background are darker)
+            assert inside.numel() > 0 and float(inside.min()) >= float(tensor.max()) - 0.05
             if kind == "ssd":
                 assert (x1 - x0) >= 1 and (y1 - y0) >= 1
 
