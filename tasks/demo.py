@@ -17,11 +17,11 @@ from pathlib import Path
 #: step name → module with ``run_demo``; the order is the order they run in.
 DEMO_STEPS: dict[str, str] = {
     "profile": "mobilenets.tasks.demo",
-    "detection": "mobilenets.tasks.detection",
     "classification": "mobilenets.tasks.classification",
+    "detection": "mobilenets.tasks.detection",
+    "attributes": "mobilenets.tasks.attributes",
     "geolocation": "mobilenets.tasks.geo_cli",
     "faces": "mobilenets.tasks.faces_cli",
-    "attributes": "mobilenets.tasks.attributes",
 }
 
 
