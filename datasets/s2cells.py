@@ -16,13 +16,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mobilenets.datasets.atomic import write_text_atomic
 
 MAX_LEVEL = 30
 POS_BITS = 2 * MAX_LEVEL + 1
@@ -324,7 +324,7 @@ class Partition:
             zip(self.tokens, self.levels.tolist(), self.photos.tolist(), self.lat.tolist(), self.lon.tolist())
         ):
             rows.append(f"{k},{token},{level},{count},{lat:.6f},{lon:.6f}")
-        atomic_write_text(path, "\n".join(rows) + "\n")
+        write_text_atomic(path, "\n".join(rows) + "\n")
 
     @classmethod
     def read_csv(cls, path: str | Path) -> Partition:
@@ -448,22 +448,7 @@ class Partition:
         return {"type": "FeatureCollection", "features": features}
 
     def write_geojson(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.geojson()))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_text_atomic(path, json.dumps(self.geojson()))
 
 
 def _mean_locations(xyz_sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,31 +8,17 @@ images hold no object (negatives); image sizes vary so batches mix sizes.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mobilenets.datasets.atomic import write_json_atomic
+
 #: (COCO-style category id, name): ids skip numbers on purpose, as COCO's own do.
 SHAPE_CATEGORIES: tuple[tuple[int, str], ...] = ((3, "rectangle"), (7, "ellipse"), (12, "triangle"))
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON through a temporary file in the same folder and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mobilenets.datasets.s2cells import atomic_write_text
+from mobilenets.datasets.atomic import write_text_atomic
 
 #: Places spread over every continent, one across the antimeridian (Fiji) and one far north (Svalbard).
 REGIONS: tuple[tuple[str, float, float], ...] = (
@@ -112,5 +112,5 @@ def write_geotag_dataset(
                 geo_image(rng, index, num_regions, image_size).save(path, quality=90)
                 rows.append(f"{name},{a:.6f},{b:.6f}")
         files[split] = root / f"{split}.csv"
-        atomic_write_text(files[split], "\n".join(rows) + "\n")
+        write_text_atomic(files[split], "\n".join(rows) + "\n")
     return GeoDataset(root, files["train"], files["val"], files["test"], image_root, regions)

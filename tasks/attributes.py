@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision
 
+from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.celeba import attribute_transform
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import CROP_FRACTION
@@ -334,17 +333,6 @@ class AttributeModel(BaseTask):
 
 
 # --------------------------------------------------------------------------- report files
-def _atomic_write(path: Path, write: Any, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def write_attribute_ap(
     out_dir: Path, names: Sequence[str], average_precision: torch.Tensor, positives: torch.Tensor
 ) -> tuple[Path, Path]:
@@ -379,8 +367,10 @@ def write_attribute_ap(
         fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
 
-    _atomic_write(csv_path, write_csv, ".csv")
-    _atomic_write(png_path, write_png, ".png")
+    with atomic_path(csv_path, ".csv") as temp:
+        write_csv(temp)
+    with atomic_path(png_path, ".png") as temp:
+        write_png(temp)
     return csv_path, png_path
 
 

@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mobilenets.datasets.atomic import write_text_atomic
 from mobilenets.tasks.base import BaseTask, Stage
 
 log = logging.getLogger(__name__)
@@ -37,19 +37,6 @@ STANFORD_DOGS_CLASSES = 120
 
 class ClassNamesError(ValueError):
     """Class names that do not fit the model or the data; the message says which counts differ."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _csv_text(rows: list[list[Any]]) -> str:

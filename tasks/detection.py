@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
 
 from mobilenets.backbone.mobilenet import ConvBNAct, MobileNetV1
 from mobilenets.backbone.profile import Profile, count_mult_adds, count_parameters
+from mobilenets.datasets.atomic import atomic_path
 from mobilenets.tasks.base import BaseTask, Stage
 from mobilenets.tasks.detection_eval import PAPER_TABLE13, evaluate_detections, write_results_json
 
@@ -288,18 +287,6 @@ class MobileNetBoxHead(nn.Module):
 
 
 # --------------------------------------------------------------------------- tasks
-def _atomic_save_png(image: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class DetectionTask(BaseTask):
     """What SSD and Faster R-CNN share: the detector in ``self.model``, COCO mAP at each validation and test
     epoch, COCO results with the dataset's category ids, predictions drawn as PNGs.
@@ -555,7 +542,8 @@ class DetectionTask(BaseTask):
                 draw.rectangle(box, outline=(255, 40, 40), width=2)
                 text = f"{self.class_name(label)} {score:.2f}"
                 draw.text((box[0] + 2, max(box[1] - 11, 0)), text, fill=(255, 255, 0))
-            _atomic_save_png(canvas, out_dir / f"{Path(info['path']).stem}_detections.png")
+            with atomic_path(out_dir / f"{Path(info['path']).stem}_detections.png", ".png") as temp:
+                canvas.save(temp, format="PNG")
         return detections
 
     def on_predict_epoch_end(self) -> None:

@@ -16,9 +16,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from mobilenets.datasets.atomic import write_text_atomic
 
 Engine = Literal["faster", "pycocotools"]
 
@@ -84,22 +84,10 @@ class CocoEvalResult:
         return dict(zip(COCO_STAT_NAMES, self.stats))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results_json(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write a COCO results list (``image_id``, ``category_id``, ``bbox`` [x,y,w,h], ``score``) atomically."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(list(results)))
+    write_text_atomic(path, json.dumps(list(results)))
     return path
 
 
@@ -262,9 +250,9 @@ def format_result(
 
 
 def write_outputs(result: CocoEvalResult, out_dir: Path, text: str) -> None:
-    _atomic_write_text(out_dir / "per_category_ap.csv", per_category_csv(result))
-    _atomic_write_text(out_dir / "coco_eval.txt", text + "\n")
-    _atomic_write_text(out_dir / "coco_eval.json", json.dumps(result.as_dict(), indent=2))
+    write_text_atomic(out_dir / "per_category_ap.csv", per_category_csv(result))
+    write_text_atomic(out_dir / "coco_eval.txt", text + "\n")
+    write_text_atomic(out_dir / "coco_eval.json", json.dumps(result.as_dict(), indent=2))
 
 
 # --------------------------------------------------------------------------- model mode

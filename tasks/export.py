@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import warnings
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from mobilenets.backbone.inference import fold_batchnorm
+from mobilenets.datasets.atomic import atomic_path
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -59,28 +59,6 @@ class AgreementError(ExportError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``out``; on success it replaces ``out``, on error it is removed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _as_tensor_list(outputs: Any, where: str) -> list[torch.Tensor]:
     if isinstance(outputs, torch.Tensor):
         return [outputs]
@@ -275,7 +253,7 @@ def export_onnx(task: nn.Module, out: str | Path, tolerance: float = DEFAULT_TOL
     names = output_names(metadata, count)
     metadata = {**metadata, "format": "onnx", "input_name": INPUT_NAME, "output_names": ",".join(names)}
     metadata.update(batchnorm_folded="true", layout="NCHW", opset=str(OPSET))
-    with atomic_output(out) as tmp:
+    with atomic_path(out) as tmp:
         _torch_onnx_export(folded, example, tmp, names)
         set_onnx_metadata(tmp, metadata)
         session = ort_session(tmp)
@@ -300,7 +278,7 @@ def export_torchscript(
     with warnings.catch_warnings(), _lightning_scripting(folded):
         warnings.simplefilter("ignore")  # deprecation of torch.jit and trace-time constant warnings
         traced = torch.jit.trace(folded, example, check_trace=False)
-        with atomic_output(out) as tmp:
+        with atomic_path(out) as tmp:
             torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
             loaded = torch.jit.load(str(tmp), map_location="cpu")
             diffs = []
@@ -451,7 +429,7 @@ def quantize_onnx(
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         except Exception:  # pre-processing is an optimisation; quantise the plain export instead
             prepared = float_path
-        with atomic_output(out) as tmp:
+        with atomic_path(out) as tmp:
             quantize_static(
                 str(prepared),
                 str(tmp),

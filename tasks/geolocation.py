@@ -18,7 +18,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
 from mobilenets.backbone.profile import count_mult_adds, count_parameters
-from mobilenets.datasets.s2cells import Partition, PartitionError, atomic_write_text, cell_token
+from mobilenets.datasets.atomic import write_text_atomic
+from mobilenets.datasets.s2cells import Partition, PartitionError, cell_token
 from mobilenets.tasks.base import BaseTask, Stage
 
 log = logging.getLogger(__name__)
@@ -522,4 +523,4 @@ def write_predictions_csv(
         if has_truth:
             row += [f"{true_latlon[n, 0]:.6f}", f"{true_latlon[n, 1]:.6f}", f"{errors[n]:.3f}"]
         writer.writerow(row)
-    atomic_write_text(path, out.getvalue())
+    write_text_atomic(path, out.getvalue())

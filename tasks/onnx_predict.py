@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mobilenets.datasets.atomic import write_text_atomic
 from mobilenets.tasks.export import (
     ExportError,
     image_paths,
@@ -102,15 +101,7 @@ def prediction_rows(
 def write_csv_atomic(path: Path, rows: list[list[str]]) -> None:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as stream:
-            stream.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str]) -> int:

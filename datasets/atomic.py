@@ -1,0 +1,43 @@
+"""Atomic file writes shared by every module that writes results: nothing half-written is left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path``: it replaces ``path`` when the block succeeds, and is removed when
+    it fails, so readers only ever see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    temp = Path(name)
+    try:
+        yield temp
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(text, newline="")
+
+
+def write_json_atomic(path: str | Path, payload: Any, **dumps_options: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, **dumps_options))
