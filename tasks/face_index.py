@@ -13,7 +13,6 @@ Similarity is the inner product of L2-normalised embeddings (cosine); every fais
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,8 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 import torch
+
+from mobilenets.tasks.teacher import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ FALLBACK_THRESHOLD = 0.5
 
 class FaceIndexError(ValueError):
     """A face index, model or probe that cannot be used as asked; the message names the file."""
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- choosing and making indexes
