@@ -8,7 +8,6 @@ The class names travel in the checkpoint (hyperparameter ``class_names``).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mobilenets.datasets.atomic import write_text_atomic
+from mobilenets.datasets.atomic import write_csv_atomic
 from mobilenets.tasks.base import BaseTask, Stage
 
 log = logging.getLogger(__name__)
@@ -37,14 +36,6 @@ STANFORD_DOGS_CLASSES = 120
 
 class ClassNamesError(ValueError):
     """Class names that do not fit the model or the data; the message says which counts differ."""
-
-
-def _csv_text(rows: list[list[Any]]) -> str:
-    import io
-
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
 
 
 class ImageClassifier(BaseTask):
@@ -206,7 +197,7 @@ class ImageClassifier(BaseTask):
             images, correct = int(matrix[index].sum()), int(matrix[index, index])
             accuracy = f"{correct / images:.4f}" if images else ""
             rows.append([index, self.class_name(index), images, correct, accuracy])
-        write_text_atomic(path, _csv_text(rows))
+        write_csv_atomic(path, rows)
 
     def plot_confusion(self, matrix: torch.Tensor, path: Path) -> None:
         import matplotlib
@@ -263,7 +254,7 @@ class ImageClassifier(BaseTask):
         for rank in range(1, k + 1):
             header += [f"class{rank}_index", f"class{rank}_name", f"class{rank}_probability"]
         path = self.prediction_path()
-        write_text_atomic(path, _csv_text([header, *self._prediction_rows]))
+        write_csv_atomic(path, [header, *self._prediction_rows])
         self.last_predictions_path = path
         print(f"wrote top-{k} predictions of {len(self._prediction_rows)} images to {path}")
 

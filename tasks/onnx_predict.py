@@ -15,15 +15,13 @@ Detection models export raw box deltas and class logits; they need the task's do
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mobilenets.datasets.atomic import write_text_atomic
+from mobilenets.datasets.atomic import write_csv_atomic
 from mobilenets.tasks.export import (
     ExportError,
     image_paths,
@@ -96,12 +94,6 @@ def prediction_rows(
         f"output_kind {kind!r}: raw detection outputs need the task's post-processing "
         "(see the detection task's ssd_postprocess); onnx-predict does not decode them"
     )
-
-
-def write_csv_atomic(path: Path, rows: list[list[str]]) -> None:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str]) -> int:
