@@ -289,8 +289,23 @@ class AttributeModel(BaseTask):
                 self.test_attribute_ap.update(probs, target)
         return loss
 
+    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+        """Take the export's attribute names; its attribute count must be this config's."""
+        from mobilenets.tasks.export import parse_name_list
+        from mobilenets.tasks.onnx_network import ExportMismatchError
+
+        names = parse_name_list(metadata.get("attribute_names") or metadata.get("attributes"))
+        if not names:
+            return
+        if len(names) != self.hparams.num_attributes:
+            raise ExportMismatchError(
+                f"{path}: metadata key 'attributes': this config expects {self.hparams.num_attributes} "
+                f"attributes (num_attributes), the export has {len(names)}"
+            )
+        self.hparams.attribute_names = names
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return {"path": batch["path"], "probabilities": self(batch["image"]).sigmoid()}
+        return {"path": batch["path"], "probabilities": self.predict_network(batch["image"]).sigmoid()}
 
     # ------------------------------------------------------------------ test report
     def on_test_epoch_end(self) -> None:

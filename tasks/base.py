@@ -251,6 +251,46 @@ class BaseTask(pl.LightningModule):
             "std": ",".join(map(str, std)),
         }
 
+    # ------------------------------------------------------------------ serving an exported file
+    #: the ONNX network ``predict`` runs on, set by ``use_exported`` (a plain attribute, not a submodule:
+    #: it has no weights, and state dicts, profiles and copies of the task stay those of its own network)
+    _exported_network: nn.Module | None = None
+
+    @property
+    def exported_network(self) -> nn.Module | None:
+        """The attached ``OnnxNetwork`` (``use_exported``), else None."""
+        return self._exported_network
+
+    def use_exported(self, path: str | Path) -> dict[str, str]:
+        """Serve ``predict`` from an ``.onnx`` file written by ``mobilenets export`` (float or int8).
+
+        The file's metadata must name this task class, this config's input size and normalisation
+        (``ExportMismatchError`` naming the key otherwise); the task then adopts what the export carries
+        (``adopt_export``: class names, attribute names, ...) and ``predict_network`` runs ONNX Runtime.
+        Returns the metadata.
+        """
+        from mobilenets.tasks.onnx_network import OnnxNetwork, check_export_metadata
+
+        network = OnnxNetwork(path)
+        mean, std = self.normalization
+        check_export_metadata(
+            network.path, network.metadata, type(self).__name__, self.hparams.input_size, mean, std
+        )
+        self.adopt_export(network.path, network.metadata, network)
+        object.__setattr__(self, "_exported_network", network)
+        return network.metadata
+
+    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+        """Take over what an export carries beside the network (tasks override: class names, cells, ...);
+        raise ``ExportMismatchError`` naming the key when the export cannot serve this task."""
+
+    def predict_network(self, images: torch.Tensor) -> Any:
+        """``self(images)``, or the attached export's outputs for the same images: ``predict_step``s call
+        this. Tasks whose ``forward`` is not their ``export_module()`` (SSD) serve exports their own way."""
+        if self._exported_network is not None:
+            return self._exported_network(images)
+        return self(images)
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

@@ -229,8 +229,30 @@ class ImageClassifier(BaseTask):
     def on_predict_epoch_start(self) -> None:
         self._prediction_rows = []
 
+    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+        """Take the export's classes (count and names), as ``--ckpt_path`` takes a checkpoint's."""
+        from mobilenets.tasks.export import parse_name_list
+        from mobilenets.tasks.onnx_network import ExportMismatchError
+
+        names = parse_name_list(metadata.get("class_names"))
+        count_text = metadata.get("num_classes", "").strip()
+        count = int(count_text) if count_text.isdigit() else len(names)
+        if count < 1:
+            raise ExportMismatchError(
+                f"{path}: metadata keys 'num_classes'/'class_names' give no class count"
+            )
+        if names and len(names) != count:
+            raise ExportMismatchError(
+                f"{path}: metadata key 'class_names' lists {len(names)} names but 'num_classes' is {count}"
+            )
+        previous = self.class_count
+        self.hparams["num_classes"] = count
+        self.hparams["class_names"] = names or None
+        if previous != count:  # the unused PyTorch head follows, so the task describes the served model
+            self._build_head(count)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        probabilities = self(batch["image"]).softmax(dim=1)
+        probabilities = self.predict_network(batch["image"]).softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
         for path, indices, values in zip(batch["path"], top.indices.tolist(), top.values.tolist()):
             row: list[Any] = [path]

@@ -520,11 +520,16 @@ class DetectionTask(BaseTask):
     def on_predict_epoch_start(self) -> None:
         self._eval_results["predict"] = []
 
+    def predict_detections(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections of a predict batch ([0, 1] images of any size): the PyTorch detector, or the export
+        attached by ``use_exported`` (SSD only)."""
+        return self.model(images)
+
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
         from PIL import Image, ImageDraw
 
         images, infos = batch
-        detections = self.model(images)
+        detections = self.predict_detections(images)
         out_dir = self._predict_dir()
         for image, info, det in zip(images, infos, detections):
             self._eval_results["predict"] += [
@@ -625,6 +630,73 @@ class SSDDetection(DetectionTask):
     def export_module(self) -> nn.Module:
         return SSDRawOutputs(self.model.backbone, self.model.head).eval()
 
+    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+        """The export's anchors and classes must be this config's; its categories and post-processing
+        settings are adopted (as ``--ckpt_path`` adopts a checkpoint's)."""
+        from mobilenets.tasks.onnx_network import ExportMismatchError
+
+        hp = self.hparams
+        anchors = self.anchors()
+        scales = metadata.get("anchor_scales", "")
+        try:
+            found_scales: Any = tuple(float(v) for v in scales.split(","))
+        except ValueError:
+            found_scales = scales
+        checks: dict[str, tuple[Any, Any]] = {
+            "metadata key 'num_anchors'": (str(anchors.shape[0]), metadata.get("num_anchors", "").strip()),
+            "metadata key 'anchor_scales'": ((float(hp.min_scale), float(hp.max_scale)), found_scales),
+        }
+        shape = network.session.get_outputs()[-1].shape if hasattr(network, "session") else []
+        if len(shape) == 3 and isinstance(shape[2], int):
+            checks["num_classes (class logits per anchor)"] = (hp.num_classes, shape[2])
+        for what, (expected, found) in checks.items():
+            if expected != found:
+                raise ExportMismatchError(
+                    f"{path}: {what}: this config expects {expected}, the export has {found or 'none'}"
+                )
+        try:
+            settings = {
+                "score_thresh": float(metadata.get("score_thresh", hp.score_thresh)),
+                "nms_thresh": float(metadata.get("nms_thresh", hp.nms_thresh)),
+                "topk_candidates": int(metadata.get("topk_candidates", hp.topk_candidates)),
+                "detections_per_img": int(metadata.get("detections_per_img", hp.detections_per_img)),
+            }
+        except ValueError as error:
+            raise ExportMismatchError(f"{path}: post-processing metadata is not numeric ({error})") from error
+        hp.update(settings)
+        if metadata.get("class_names"):
+            hp.class_names = [name.strip() for name in metadata["class_names"].split(",")]
+        if metadata.get("category_ids"):
+            try:
+                hp.category_ids = [int(v) for v in metadata["category_ids"].split(",")]
+            except ValueError as error:
+                raise ExportMismatchError(
+                    f"{path}: metadata key 'category_ids': expected comma-separated integers"
+                ) from error
+        self._export_anchors = anchors
+
+    def predict_detections(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """With an export attached: torchvision's SSD pre-processing, the exported raw outputs, then
+        ``ssd_postprocess`` with this task's anchors and settings (the PyTorch detector's detections)."""
+        network = self.exported_network
+        if network is None:
+            return super().predict_detections(images)
+        hp = self.hparams
+        size = int(hp.input_size)
+        mean, std = self.normalization
+        raw_boxes, raw_scores = network(ssd_preprocess(images, size, mean, std))
+        return ssd_postprocess(
+            raw_boxes,
+            raw_scores,
+            self._export_anchors.to(raw_boxes.device),
+            (size, size),
+            original_sizes=[(int(image.shape[-2]), int(image.shape[-1])) for image in images],
+            score_thresh=hp.score_thresh,
+            nms_thresh=hp.nms_thresh,
+            topk_candidates=hp.topk_candidates,
+            detections_per_img=hp.detections_per_img,
+        )
+
     def export_metadata(self) -> dict[str, str]:
         hp = self.hparams
         meta = super().export_metadata()
@@ -707,6 +779,14 @@ class FasterRCNNDetection(DetectionTask):
 
     def table13_name(self) -> str:
         return f"Faster-RCNN {self.hparams.input_size}"
+
+    def use_exported(self, path: str | Path) -> dict[str, str]:
+        from mobilenets.tasks.onnx_network import ExportMismatchError
+
+        raise ExportMismatchError(
+            f"{path}: Faster R-CNN cannot be served from an exported file (its proposal and RoI stages are "
+            "not exported); predict with its .ckpt"
+        )
 
     def profile(self) -> Profile:
         """As ``DetectionTask.profile`` with exactly ``num_proposals`` crops through the box head: the RPN's

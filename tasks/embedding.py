@@ -195,6 +195,24 @@ class FaceEmbedder(BaseTask):
         )
         return metadata
 
+    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+        """The export's embedding size must be this config's; its verification threshold is adopted."""
+        from mobilenets.tasks.onnx_network import ExportMismatchError
+
+        size = metadata.get("embedding_size", "").strip()
+        if size and size != str(self.embedding_size):
+            raise ExportMismatchError(
+                f"{path}: metadata key 'embedding_size': this config expects {self.embedding_size}, "
+                f"the export has {size}"
+            )
+        try:
+            threshold = float(metadata.get("threshold", "nan"))
+        except ValueError as error:
+            raise ExportMismatchError(
+                f"{path}: metadata key 'threshold': expected a number, got {metadata['threshold']!r}"
+            ) from error
+        self.threshold.fill_(threshold)
+
     # ------------------------------------------------------------------ distillation targets
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.hparams.loss != "distill" or self._teacher_targets is not None:

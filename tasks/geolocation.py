@@ -337,7 +337,7 @@ class GeoClassifier(BaseTask):
 
     def locate(self, images: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
         """Top-``k`` cells per image: ``cells`` (indices), ``probabilities``, ``latlon`` (B, k, 2)."""
-        probabilities = self(images).softmax(dim=1)
+        probabilities = self.predict_network(images).softmax(dim=1)
         top = probabilities.topk(min(k, self._num_cells), dim=1)
         return {"cells": top.indices, "probabilities": top.values, "latlon": self.cell_centers[top.indices]}
 
@@ -425,6 +425,40 @@ class GeoClassifier(BaseTask):
         return Path(trainer.log_dir or trainer.default_root_dir)
 
     # ------------------------------------------------------------------ prediction
+    def adopt_export(self, path: Path, metadata: dict[str, str], network: torch.nn.Module) -> None:
+        """The export's cell table (metadata ``cells``) must be this task's; a task built from ``num_cells``
+        alone, without a partition file, takes its cells from the export."""
+        from mobilenets.datasets.s2cells import token_to_cell_id
+        from mobilenets.tasks.onnx_network import ExportMismatchError
+
+        if "cells" not in metadata:
+            raise ExportMismatchError(f"{path}: metadata key 'cells' is missing (the export's cell table)")
+        rows = list(csv.DictReader(io.StringIO(metadata["cells"])))
+        if len(rows) != self._num_cells:
+            raise ExportMismatchError(
+                f"{path}: metadata key 'cells': this config has {self._num_cells} cells "
+                f"({self.hparams.partition or 'num_cells'}), the export has {len(rows)}"
+            )
+        try:
+            tokens = [row["token"] for row in rows]
+            cell_ids = [token_to_cell_id(token) for token in tokens]
+            centers = [(float(row["lat"]), float(row["lon"])) for row in rows]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ExportMismatchError(
+                f"{path}: metadata key 'cells': expected the CSV 'class,token,lat,lon' of the export's cells "
+                f"({type(error).__name__}: {error})"
+            ) from error
+        if self.has_cell_table:
+            if tokens != self.cell_tokens():
+                raise ExportMismatchError(
+                    f"{path}: metadata key 'cells': the export's cells are not those of "
+                    f"{self.hparams.partition}; use the partition file the model was trained with"
+                )
+            return  # the partition file's locations, not their 6-decimal copy in the metadata
+        ids = np.array(cell_ids, dtype=np.uint64).view(np.int64)
+        self.cell_ids.copy_(torch.from_numpy(ids))
+        self.cell_centers.copy_(torch.tensor(centers, dtype=torch.float64))
+
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
 
