@@ -286,6 +286,9 @@ class CelebADataModule(pl.LightningDataModule):
             join the training set with ``labeled: False``.
         augment: random crop and flip in training.
         mean, std: input normalisation (the default [-1, 1] matches the backbone's ImageNet weights).
+        predict_dir: a folder of face images (nested folders allowed) for ``predict``; without it ``predict``
+            runs on the test partition. Predicting on a folder does not need the CelebA files under ``root``
+            (the model's checkpoint or export names the attributes).
     """
 
     def __init__(
@@ -299,11 +302,14 @@ class CelebADataModule(pl.LightningDataModule):
         augment: bool = True,
         mean: tuple[float, float, float] = MINUS_ONE_ONE[0],
         std: tuple[float, float, float] = MINUS_ONE_ONE[1],
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
         self.index: CelebAIndex | None = None
+        # set when predict_dir is predicted on without the CelebA files: there are no names to give then
+        self._predict_without_index = False
         self.unlabeled_paths: list[Path] = []
         self.datasets: dict[str, Dataset] = {}
         self._parts: dict[str, list[AttributeImages]] = {}
@@ -311,7 +317,10 @@ class CelebADataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- what distillation needs
     @property
-    def attribute_names(self) -> list[str]:
+    def attribute_names(self) -> list[str] | None:
+        """The attribute file's names; None while predicting on ``predict_dir`` without the CelebA files."""
+        if self.index is None and self._predict_without_index:
+            return None
         self._read()
         assert self.index is not None
         return list(self.index.attributes)
@@ -348,6 +357,9 @@ class CelebADataModule(pl.LightningDataModule):
         self.unlabeled_paths = unlabeled
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict_dir:
+            self._setup_predict_folder(Path(self.hparams.predict_dir))
+            return
         self._read()
         assert self.index is not None
         hp = self.hparams
@@ -371,9 +383,28 @@ class CelebADataModule(pl.LightningDataModule):
             if len(self.datasets[split]) == 0:
                 log.warning("%s: the %s partition is empty", self.root / PARTITION_FILE, split)
 
+    def _setup_predict_folder(self, folder: Path) -> None:
+        if "predict" in self.datasets:
+            return
+        try:
+            self._read()
+        except CelebANotFoundError as error:
+            log.info("predicting on %s without the CelebA files (%s)", folder, error)
+            self._predict_without_index = True
+        if not folder.is_dir():
+            raise CelebANotFoundError(
+                f"{folder}: predict_dir is not a folder (expected a folder of face images)"
+            )
+        paths = list_images(folder)
+        if not paths:
+            raise CelebANotFoundError(f"{folder}: predict_dir holds no images to predict on")
+        count = len(self.index.attributes) if self.index is not None else 0
+        transform = attribute_transform(self.hparams.input_size, False, self.hparams.mean, self.hparams.std)
+        self.datasets["predict"] = AttributeImages(paths, None, count, transform)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            self.setup()
+            self.setup("predict" if split == "predict" else None)
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
@@ -393,4 +424,4 @@ class CelebADataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("predict" if self.hparams.predict_dir else "test", shuffle=False)

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mobilenets.datasets.image_list import ImageListDataset
 from mobilenets.datasets.images import check_images, is_image_file, list_images, load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
 
@@ -333,7 +334,8 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
 
 # --------------------------------------------------------------------------- datamodule
 class FaceDataModule(pl.LightningDataModule):
-    """Training faces (identity folders or CSV) and LFW-style verification pairs for validation/test.
+    """Training faces (identity folders or CSV), LFW-style verification pairs for validation/test, and a
+    folder of faces to embed for ``predict``.
 
     Args:
         train_dir: identity folders ``<train_dir>/<identity>/<image>`` (or use ``train_csv``).
@@ -353,6 +355,8 @@ class FaceDataModule(pl.LightningDataModule):
         num_workers: data-loading processes.
         skip_corrupt: skip undecodable training images (counted and logged) instead of failing.
         seed: seed of the P×K sampler.
+        predict_dir: a folder of aligned face images (searched recursively, sorted) that ``predict`` embeds;
+            predicting needs neither the training faces nor the pairs.
     """
 
     def __init__(
@@ -374,12 +378,14 @@ class FaceDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         skip_corrupt: bool = False,
         seed: int = 0,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_dataset: FaceImageDataset | None = None
         self.val_dataset: PairImagesDataset | None = None
         self.test_dataset: PairImagesDataset | None = None
+        self.predict_dataset: ImageListDataset | None = None
 
     def _pairs_dataset(self, pairs_file: str | None, pairs_dir: str | None) -> PairImagesDataset | None:
         if pairs_file is None:
@@ -407,6 +413,24 @@ class FaceDataModule(pl.LightningDataModule):
             )
             if self.test_dataset is None:
                 raise FaceDataError("testing needs pairs_file (or test_pairs_file) and its pairs_dir")
+        if stage == "predict" and self.predict_dataset is None:
+            self.predict_dataset = self._predict_images()
+
+    def _predict_images(self) -> ImageListDataset:
+        hp = self.hparams
+        if not hp.predict_dir:
+            raise FaceDataError(
+                "predict needs predict_dir (data.init_args.predict_dir: a folder of face images)"
+            )
+        folder = Path(hp.predict_dir)
+        if not folder.is_dir():
+            raise FaceDataError(f"{folder}: predict_dir is not a folder (expected a folder of face images)")
+        paths = list_images(folder)
+        if not paths:
+            raise FaceDataError(f"{folder}: predict_dir holds no images to embed")
+        # the pair images' eval preprocessing (resize, centre crop): faces are embedded as they are evaluated
+        transform = ClassificationTransform(hp.input_size, train=False)
+        return ImageListDataset(paths, None, transform, skip_corrupt=hp.skip_corrupt)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -437,3 +461,10 @@ class FaceDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dataset is None:
+            self.setup("predict")
+        return DataLoader(
+            self.predict_dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers
+        )

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,66 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _jpeg_scale(limit: float) -> int:
+    """The coarsest JPEG DCT scale (8, 4, 2 or 1) not above ``limit``.
+
+    Only powers of two: libjpeg-turbo's M/8 scales (5/8, 3/4, ...) have no SIMD code and decode slower
+    than the full image.
+    """
+    return next((s for s in (8, 4, 2) if s <= limit), 1)
+
+
+def _decode_jpeg_turbo(
+    data: bytes, scale_of: Callable[[int, int], int]
+) -> tuple[np.ndarray, int, int] | None:
+    """libjpeg-turbo straight into an RGB array (simplejpeg: no PIL image object, no mode conversion), at
+    the DCT scale ``scale_of(width, height)`` picks from the header.
+
+    Returns ``(rgb, full_width, full_height)``, or None where this path does not apply (not a JPEG,
+    CMYK/YCCK data, any decoder complaint): the caller then decodes with PIL, so a corrupt
+    file fails with PIL's message and the same error type either way.
+    """
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray"):
+            return None
+        scale = scale_of(width, height)
+        # simplejpeg picks the largest factor whose output still meets both minimums: exactly 1/scale
+        rgb = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale)
+        )
+    except ValueError:
+        return None
+    return rgb, width, height
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise CorruptImageError(f"{path}: cannot read image ({error})") from error
+
+
 def load_rgb(path: str | Path, min_size: int | None = None) -> np.ndarray:
     """Decode ``path`` as an RGB ``uint8`` array of shape (H, W, 3).
 
-    With ``min_size``, JPEGs much larger than needed are decoded at a reduced scale (libjpeg's DCT
-    scaling via ``Image.draft``) while keeping the shorter side at least ``min_size``.
+    With ``min_size``, JPEGs much larger than needed are decoded at a reduced DCT scale (1/2, 1/4, 1/8)
+    while keeping the shorter side at least ``min_size``.
     Raises ``CorruptImageError`` naming the file when it cannot be decoded.
     """
     path = Path(path)
+    decoded = _decode_jpeg_turbo(
+        _read_bytes(path), lambda w, h: _jpeg_scale(min(w, h) / min_size) if min_size else 1
+    )
+    if decoded is not None:
+        return decoded[0]
     try:
         with Image.open(path) as image:
             if min_size and image.format == "JPEG":
@@ -72,27 +125,39 @@ def load_rgb_region(
     """Decode only what is needed of ``path``: the region ``choose_box(width, height)`` as RGB uint8.
 
     ``choose_box`` receives the full image size (read from the header, before decoding) and returns
-    ``(x0, y0, x1, y1)`` in those pixels. A JPEG is then decoded at the coarsest DCT scale (1/2, 1/4,
-    1/8) that still leaves the region at least ``min_output`` pixels on each side, which is what makes
-    large photos cheap. Raises ``CorruptImageError`` naming the file when it cannot be decoded.
+    ``(x0, y0, x1, y1)`` in those pixels; it is called once. A JPEG is then decoded at the coarsest DCT
+    scale (1/2, 1/4, 1/8) that still leaves the region at least ``min_output`` pixels on each side, which
+    is what makes large photos cheap. Raises ``CorruptImageError`` naming the file when it cannot be
+    decoded.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            x0, y0, x1, y1 = choose_box(width, height)
-            scale = 1
-            if min_output and image.format == "JPEG":
-                limit = min(x1 - x0, y1 - y0) / min_output
-                scale = next((s for s in (8, 4, 2) if s <= limit), 1)
+    chosen: list[Box] = []
+
+    def scale_of(width: int, height: int) -> int:
+        if not chosen:
+            chosen.append(choose_box(width, height))
+        x0, y0, x1, y1 = chosen[0]
+        return _jpeg_scale(min(x1 - x0, y1 - y0) / min_output) if min_output else 1
+
+    decoded = _decode_jpeg_turbo(_read_bytes(path), scale_of)
+    if decoded is not None:
+        rgb, width, height = decoded
+    else:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                scale = scale_of(width, height) if image.format == "JPEG" else 1
                 if scale > 1:
                     image.draft("RGB", (width // scale, height // scale))
-            image.load()
-            rgb = np.asarray(to_rgb(image))
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise CorruptImageError(f"{path}: cannot decode image ({error})") from error
+                image.load()
+                rgb = np.asarray(to_rgb(image))
+        except FileNotFoundError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise CorruptImageError(f"{path}: cannot decode image ({error})") from error
+        if not chosen:
+            chosen.append(choose_box(width, height))
+    x0, y0, x1, y1 = chosen[0]
     sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
     left, top = min(int(x0 * sx), rgb.shape[1] - 1), min(int(y0 * sy), rgb.shape[0] - 1)
     right, bottom = max(round(x1 * sx), left + 1), max(round(y1 * sy), top + 1)

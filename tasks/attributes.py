@@ -10,6 +10,9 @@ cached on disk (``tasks/teacher.py``), so student epochs never run it again.
 Metrics: mean average precision over the attributes (``val/mAP``, ``test/mAP``), the emulation quality
 ``<stage>/emulation_ce`` (the same cross-entropy, student vs teacher), and at the end of ``test`` a
 per-attribute AP CSV and bar chart in the log dir plus Table 12's row printed beside ours.
+
+``predict`` writes ``predictions.csv``: ``path``, the probability of each attribute (the columns of
+``mobilenets onnx-predict``) and ``present_attributes``, the attributes at probability 0.5 or above.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision
 
-from mobilenets.datasets.atomic import atomic_path
+from mobilenets.datasets.atomic import atomic_path, write_csv_atomic
 from mobilenets.datasets.celeba import attribute_transform
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import CROP_FRACTION
 from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.prediction_files import multilabel_rows, predict_output_path
 from mobilenets.tasks.teacher import Teacher, TeacherCache, cached_teacher_outputs
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,8 @@ class AttributeModel(BaseTask):
             default: what the file says, else this model's ``input_size``.
         teacher_cache_dir: where the teacher's cached outputs live (default ``<default_root_dir>/teacher_cache``).
         teacher_batch_size: images per teacher call while building the cache.
+        predictions_file: CSV written by ``predict`` (default ``<log dir>/predictions.csv``; one
+            ``.rank<N>`` file per process under DDP).
         **kwargs: the backbone and optimisation options of ``BaseTask``. Student configs set
             ``weight_decay: 0`` (the paper: distillation needs no regularisation).
     """
@@ -126,6 +132,7 @@ class AttributeModel(BaseTask):
         teacher_input_size: int | None = None,
         teacher_cache_dir: str | None = None,
         teacher_batch_size: int = 64,
+        predictions_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         if num_attributes < 1:
@@ -137,6 +144,13 @@ class AttributeModel(BaseTask):
                 f"attribute_names has {len(attribute_names)} names, num_attributes is {num_attributes}"
             )
         super().__init__(**kwargs)
+        # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
+        # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
+        self.predictions_file = predictions_file
+        self.hparams.pop("predictions_file", None)
+        self.last_predictions_path: Path | None = None
+        self._predict_paths: list[str] = []
+        self._predict_logits: list[torch.Tensor] = []
         self.test_attribute_ap = AttributeMeanAP(num_attributes)
         # Not submodules: the teacher is neither trained, saved in our checkpoints nor profiled with us.
         self._teacher: Teacher | None = None
@@ -201,7 +215,8 @@ class AttributeModel(BaseTask):
                     f"{self.hparams.num_attributes}"
                 )
             self.hparams.attribute_names = list(names)
-        if not self.distilling:
+        # predict needs neither the teacher nor its cache (a student checkpoint still names its teacher)
+        if not self.distilling or stage == "predict":
             return
         teacher_path = Path(self.hparams.teacher)
         if stage != "fit" and not teacher_path.is_file():
@@ -304,8 +319,25 @@ class AttributeModel(BaseTask):
             )
         self.hparams.attribute_names = names
 
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        self._predict_paths, self._predict_logits = [], []
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        return {"path": batch["path"], "probabilities": self.predict_network(batch["image"]).sigmoid()}
+        logits = self.predict_network(batch["image"])
+        self._predict_paths += [str(p) for p in batch["path"]]
+        self._predict_logits.append(logits.detach().float().cpu())
+        return {"path": batch["path"], "probabilities": logits.sigmoid()}
+
+    def on_predict_epoch_end(self) -> None:
+        count = self.hparams.num_attributes
+        logits = torch.cat(self._predict_logits) if self._predict_logits else torch.zeros(0, count)
+        rows = multilabel_rows(self._predict_paths, logits.numpy(), self.attribute_names, present_column=True)
+        path = predict_output_path(self.trainer, self.predictions_file, "predictions.csv")
+        write_csv_atomic(path, rows)
+        self.last_predictions_path = path
+        self._predict_paths, self._predict_logits = [], []
+        print(f"wrote {count} attribute probabilities of {len(rows) - 1} images to {path}")
 
     # ------------------------------------------------------------------ test report
     def on_test_epoch_end(self) -> None:

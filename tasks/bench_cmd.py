@@ -3,9 +3,11 @@
 For 1.0 MobileNet-224 and 0.25 MobileNet-128, in one run and on the same threads: images/s at batch 1 and
 32 and p50/p90 latency at batch 1 of PyTorch eager (NCHW and channels_last), our inference mode (batch
 norm folded, channels_last, ``torch.inference_mode``), ``torch.compile`` of the inference mode (skipped if
-it fails), ONNX Runtime fp32 and int8 (static QDQ, per-channel), beside timm's ``mobilenetv1_100`` eager as
-the peer (when timm is installed). ``--readme README.md`` writes the table between the README's
-``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers with the date and the machine.
+it fails), ONNX Runtime fp32 and int8 (static QDQ, per-channel), beside timm's ``mobilenetv1_100`` as the
+peer (when timm is installed): eager, and exported and quantised by the same code as ours, each timed in
+alternating rounds with our row, whose "vs peer" column gives the batch-1 ratio. ``--readme README.md``
+writes the table between the README's ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers with the
+date and the machine.
 
 No trained weights are available offline, so the models get signal-preserving random weights
 (delta-orthogonal), batch-norm statistics measured on synthetic structured images (10 classes of tinted,
@@ -27,7 +29,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,8 @@ class SpeedRow:
     p90_ms: float | None
     images_per_s_b32: float | None
     note: str = ""
+    #: images/s at batch 1 over the peer's (timm's model on the same runtime), measured in the same run
+    vs_peer: float | None = None
 
 
 def measure(
@@ -96,6 +100,34 @@ def measure(
     if run_b32 is not None:
         b32 = 32 / statistics.median(time_calls(run_b32, repeats_b32, warmup=1, budget_s=60.0))
     return SpeedRow(model, runtime, b1, p50, p90, b32, note)
+
+
+def measure_against_peer(
+    model: str,
+    ours: tuple[str, Callable[[], object], Callable[[], object]],
+    peer: tuple[str, Callable[[], object], Callable[[], object]],
+    repeats_b1: int = 50,
+    repeats_b32: int = 5,
+    rounds: int = 5,
+) -> tuple[SpeedRow, SpeedRow]:
+    """Our runtime and the peer's, timed in alternating rounds so that a noisy machine slows both alike;
+    our row carries the batch-1 ratio to the peer."""
+    runs = (ours, peer)
+    b1_times: list[list[float]] = [[], []]
+    b32_times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, (_, run_b1, run_b32) in enumerate(runs):
+            b1_times[i] += time_calls(run_b1, max(repeats_b1 // rounds, 1), warmup=2)
+            b32_times[i] += time_calls(run_b32, max(repeats_b32 // rounds, 1), warmup=1, budget_s=60.0)
+    rows = []
+    for i, (runtime, _, _) in enumerate(runs):
+        times = np.array(b1_times[i])
+        p50, p90 = float(np.percentile(times, 50)) * 1e3, float(np.percentile(times, 90)) * 1e3
+        b32 = 32 / statistics.median(b32_times[i])
+        rows.append(SpeedRow(model, runtime, 1e3 / p50, p50, p90, b32))
+    ours_row, peer_row = rows
+    ratio = ours_row.images_per_s_b1 / peer_row.images_per_s_b1  # type: ignore[operator]
+    return replace(ours_row, vs_peer=ratio), peer_row
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -251,13 +283,26 @@ def bench_one(
         log(f"  {name}: {runtime} ...")
         rows.append(measure(name, runtime, b1, b32, repeats_b1, repeats_b32, note))
 
-    if peer is not None:
-        add(
-            "timm mobilenetv1_100 eager NCHW (peer)",
-            torch_runner(peer, x1, False),
-            torch_runner(peer, x32, False),
+    def add_with_peer(
+        runtime: str, b1: Callable, b32: Callable, peer_runtime: str, peer_b1: Callable, peer_b32: Callable
+    ) -> None:
+        log(f"  {name}: {runtime} and {peer_runtime}, alternating ...")
+        ours_row, peer_row = measure_against_peer(
+            name, (runtime, b1, b32), (peer_runtime, peer_b1, peer_b32), repeats_b1, repeats_b32
         )
-    add("PyTorch eager NCHW", torch_runner(model, x1, False), torch_runner(model, x32, False))
+        rows.extend([peer_row, ours_row])
+
+    peer_eager = (torch_runner(peer, x1, False), torch_runner(peer, x32, False)) if peer is not None else None
+    if peer_eager is not None:
+        add_with_peer(
+            "PyTorch eager NCHW",
+            torch_runner(model, x1, False),
+            torch_runner(model, x32, False),
+            "timm mobilenetv1_100 eager NCHW (peer)",
+            *peer_eager,
+        )
+    else:
+        add("PyTorch eager NCHW", torch_runner(model, x1, False), torch_runner(model, x32, False))
     channels_last = model.to(memory_format=torch.channels_last)
     add(
         "PyTorch eager channels_last",
@@ -286,26 +331,57 @@ def bench_one(
             rows.append(
                 SpeedRow(name, "torch.compile(inference mode)", None, None, None, None, "skipped: failed")
             )
+    if peer_eager is not None:  # the other torch runtimes against timm's eager model
+        peer_b1 = rows[0].images_per_s_b1
+        rows[2:] = [replace(row, vs_peer=_ratio(row.images_per_s_b1, peer_b1)) for row in rows[2:]]
 
+    n1, n32 = x1.numpy(), x32.numpy()
     float_path, int8_path = work / f"{name}.onnx", work / f"{name}.int8.onnx"
     with _quiet():
         export_onnx(_ExportAdapter(model, input_size), float_path)
     session = ort_session(float_path, threads)
-    n1, n32 = x1.numpy(), x32.numpy()
-    add("ONNX Runtime fp32", lambda: run_onnx(session, n1), lambda: run_onnx(session, n32))
     log(f"  {name}: int8 calibration on {len(calibration)} images ...")
     report = quantize_onnx(float_path, int8_path, calibration, heldout, min_agreement=0.0)
     session8 = ort_session(int8_path, threads)
-    add(
-        "ONNX Runtime int8 (QDQ, per-channel)",
-        lambda: run_onnx(session8, n1),
-        lambda: run_onnx(session8, n32),
-    )
+    if peer is not None:
+        # timm's model through the same exporter and quantiser: the runtime's own ceiling for this network
+        peer_float, peer_int8 = work / f"{name}.timm.onnx", work / f"{name}.timm.int8.onnx"
+        with _quiet():
+            export_onnx(_ExportAdapter(peer, input_size), peer_float)
+        quantize_onnx(peer_float, peer_int8, calibration, heldout, min_agreement=0.0)
+        peer_session, peer_session8 = ort_session(peer_float, threads), ort_session(peer_int8, threads)
+        add_with_peer(
+            "ONNX Runtime fp32",
+            lambda: run_onnx(session, n1),
+            lambda: run_onnx(session, n32),
+            "timm mobilenetv1_100 → ONNX Runtime fp32 (peer)",
+            lambda: run_onnx(peer_session, n1),
+            lambda: run_onnx(peer_session, n32),
+        )
+        add_with_peer(
+            "ONNX Runtime int8 (QDQ, per-channel 7-bit)",
+            lambda: run_onnx(session8, n1),
+            lambda: run_onnx(session8, n32),
+            "timm mobilenetv1_100 → ONNX Runtime int8 (peer)",
+            lambda: run_onnx(peer_session8, n1),
+            lambda: run_onnx(peer_session8, n32),
+        )
+    else:
+        add("ONNX Runtime fp32", lambda: run_onnx(session, n1), lambda: run_onnx(session, n32))
+        add(
+            "ONNX Runtime int8 (QDQ, per-channel 7-bit)",
+            lambda: run_onnx(session8, n1),
+            lambda: run_onnx(session8, n32),
+        )
     float_out = run_onnx(session, heldout)
     int8_out = run_onnx(session8, heldout)
     cosine = agreement("embedding", [float_out[0][:, :HEAD_CLASSES]], [int8_out[0][:, :HEAD_CLASSES]])
     line = f"{name}: {report.summary()}; mean cosine of the 10 class logits {cosine.value:.4f}"
     return rows, line
+
+
+def _ratio(ours: float | None, peer: float | None) -> float | None:
+    return ours / peer if ours is not None and peer else None
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -315,13 +391,14 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def format_table(rows: list[SpeedRow]) -> str:
     """A markdown table of the rows."""
     lines = [
-        "| model | runtime | img/s b1 | p50 ms b1 | p90 ms b1 | img/s b32 | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| model | runtime | img/s b1 | p50 ms b1 | p90 ms b1 | img/s b32 | vs peer b1 | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.runtime} | {_fmt(r.images_per_s_b1)} | {_fmt(r.p50_ms, 1)} | "
-            f"{_fmt(r.p90_ms, 1)} | {_fmt(r.images_per_s_b32)} | {r.note} |"
+            f"{_fmt(r.p90_ms, 1)} | {_fmt(r.images_per_s_b32)} | "
+            f"{'' if r.vs_peer is None else f'{r.vs_peer:.2f}x'} | {r.note} |"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,10 @@
 """Face embeddings on the MobileNet backbone (paper Table 14): an L2-normalised D-dimensional embedding
 trained by distillation from a teacher's embeddings (squared differences, as the paper did with FaceNet)
-or by FaceNet's triplet loss with online semi-hard mining, evaluated on LFW-style pairs."""
+or by FaceNet's triplet loss with online semi-hard mining, evaluated on LFW-style pairs.
+
+``predict`` embeds a folder of images (``FaceDataModule(predict_dir=...)``) and writes ``embeddings.csv``
+(``path, e0, ..., e{D-1}``: the columns of ``mobilenets onnx-predict``) and ``embeddings.npy`` (float32,
+rows in the CSV's order)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobilenets.datasets.atomic import atomic_path, write_csv_atomic
 from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.prediction_files import embedding_rows, predict_output_path
 from mobilenets.tasks.verification import VerificationReport, evaluate_pairs, plot_roc
 
 log = logging.getLogger(__name__)
@@ -136,6 +142,8 @@ class FaceEmbedder(BaseTask):
         recalibrate_bn_batches: after each training epoch, set every batch norm's running statistics to the
             exact average over this many training batches (0: off). Helps short runs, whose running
             statistics still lag the weights.
+        embeddings_file: the ``.csv`` written by ``predict`` (default ``<log dir>/embeddings.csv``); the
+            ``.npy`` is written beside it under the same name. One ``.rank<N>`` pair per process under DDP.
         **kwargs: the backbone and optimisation options of ``BaseTask``.
     """
 
@@ -150,15 +158,27 @@ class FaceEmbedder(BaseTask):
         normalize_teacher: bool = True,
         plot_dir: str | None = None,
         recalibrate_bn_batches: int = 0,
+        embeddings_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         if not 0.0 <= margin <= 4.0:
             raise ValueError(f"margin must be in [0, 4] (squared distances of unit vectors), got {margin}")
+        if embeddings_file is not None and Path(embeddings_file).suffix.lower() != ".csv":
+            raise ValueError(
+                f"embeddings_file must name a .csv file (the .npy is written beside it), got {embeddings_file!r}"
+            )
         self.embedding_size = embedding_size
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
+        # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
+        self.embeddings_file = embeddings_file
+        self.hparams.pop("embeddings_file", None)
+        self.last_embeddings_paths: tuple[Path, Path] | None = None
+        self._predict_paths: list[str] = []
+        self._predict_embeddings: list[torch.Tensor] = []
         # the cosine threshold chosen on the validation pairs; saved in checkpoints and used by the index
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self._teacher_targets: torch.Tensor | None = None
@@ -364,6 +384,30 @@ class FaceEmbedder(BaseTask):
         tmp.replace(out / "faces_report.json")
         print(self.format_table14(report))
         print(f"ROC curve: {roc}")
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        self._predict_paths, self._predict_embeddings = [], []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        embeddings = self.predict_network(batch["image"])
+        self._predict_paths += [str(p) for p in batch["path"]]
+        self._predict_embeddings.append(embeddings.detach().float().cpu())
+        return {"path": list(batch["path"]), "embedding": embeddings}
+
+    def on_predict_epoch_end(self) -> None:
+        size = self.embedding_size
+        embeddings = (
+            torch.cat(self._predict_embeddings) if self._predict_embeddings else torch.zeros(0, size)
+        ).numpy()
+        csv_path = predict_output_path(self.trainer, self.embeddings_file, "embeddings.csv")
+        npy_path = csv_path.with_suffix(".npy")
+        write_csv_atomic(csv_path, embedding_rows(self._predict_paths, embeddings))
+        with atomic_path(npy_path, ".npy") as temp, temp.open("wb") as stream:
+            np.save(stream, embeddings.astype(np.float32, copy=False))
+        self.last_embeddings_paths = (csv_path, npy_path)
+        self._predict_paths, self._predict_embeddings = [], []
+        print(f"wrote {size}-d embeddings of {len(embeddings)} images to {csv_path} and {npy_path}")
 
     def model_name(self) -> str:
         return f"{self.hparams.width_mult:g} MobileNet-{self.hparams.input_size}"

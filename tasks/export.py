@@ -409,7 +409,7 @@ def quantize_onnx(
     heldout: np.ndarray,
     min_agreement: float = 0.99,
 ) -> AgreementReport:
-    """Static int8 quantisation (QDQ, per-channel weights, min-max calibration) of a float ONNX export;
+    """Static int8 quantisation (QDQ, per-channel 7-bit weights, min-max calibration) of a float ONNX export;
     writes ``out`` only if the agreement with the float model on ``heldout`` reaches ``min_agreement``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -436,10 +436,15 @@ def quantize_onnx(
                 _Reader(calibration.astype(np.float32), metadata.get("input_name", INPUT_NAME)),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                # 7-bit weights: x86 CPUs without VNNI sum pairs of u8 x s8 products in int16, which
+                # saturates with full-range weights (0.25 MobileNet-128 agreement 0.66 -> 0.93, same speed)
+                reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
             )
-            set_onnx_metadata(tmp, {**metadata, "quantization": "int8 static QDQ per-channel"})
+            set_onnx_metadata(
+                tmp, {**metadata, "quantization": "int8 static QDQ per-channel (7-bit weights)"}
+            )
             reference = run_onnx(ort_session(float_path), heldout)
             quantized = run_onnx(ort_session(tmp), heldout)
             report = agreement(kind, reference, quantized)

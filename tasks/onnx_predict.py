@@ -8,6 +8,9 @@ mean, std), and the CSV follows the model's ``output_kind``:
 - ``multilabel_logits`` (attributes): ``path`` then one sigmoid probability per attribute;
 - ``embedding``: ``path`` then the embedding's components.
 
+The attribute and embedding rows come from ``tasks/prediction_files.py``, shared with the tasks' own
+``mobilenets predict`` loops.
+
 Detection models export raw box deltas and class logits; they need the task's documented post-processing
 (anchors, decoding, NMS), so this command refuses them.
 """
@@ -32,6 +35,7 @@ from mobilenets.tasks.export import (
     preprocess_images,
     run_onnx,
 )
+from mobilenets.tasks.prediction_files import embedding_rows, multilabel_rows
 
 
 def onnx_predict(
@@ -83,13 +87,9 @@ def prediction_rows(
         names = parse_name_list(metadata.get("attribute_names") or metadata.get("attributes"))
         if len(names) != first.shape[1]:
             names = [f"attribute{i}" for i in range(first.shape[1])]
-        probabilities = 1.0 / (1.0 + np.exp(-first.astype(np.float64)))
-        return [["path", *names]] + [
-            [str(p), *(f"{v:.6f}" for v in row)] for p, row in zip(paths, probabilities)
-        ]
+        return multilabel_rows(paths, first, names)
     if kind == "embedding":
-        header = ["path", *(f"e{i}" for i in range(first.shape[1]))]
-        return [header] + [[str(p), *(f"{v:.7g}" for v in row)] for p, row in zip(paths, first)]
+        return embedding_rows(paths, first)
     raise ExportError(
         f"output_kind {kind!r}: raw detection outputs need the task's post-processing "
         "(see the detection task's ssd_postprocess); onnx-predict does not decode them"

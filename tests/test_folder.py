@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mobilenets.datasets import images
 from mobilenets.datasets.folder import CsvDataModule, FolderDataModule
 from mobilenets.datasets.image_list import (
     DatasetLayoutError,
@@ -130,6 +131,51 @@ def test_region_decode_uses_a_reduced_dct_scale(tmp_path: Path) -> None:
     assert half[:, :, 0].mean() > region[:, :, 0].mean()  # the brighter half of the gradient
     full = load_rgb_region(path, lambda w, h: (0.0, 0.0, 300.0, 300.0), min_output=224)
     assert full.shape == (300, 300, 3)  # a small region needs full resolution
+
+
+def test_turbo_jpeg_path_matches_pil_and_falls_back_for_cmyk(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    base = np.linspace(0, 220, 320, dtype=np.float32)[None, :, None] + rng.normal(0, 12, (240, 320, 3))
+    pixels = np.clip(base, 0, 255).astype(np.uint8)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    assert images._decode_jpeg_turbo(path.read_bytes(), lambda w, h: 1) is not None
+    with Image.open(path) as image:
+        reference = np.asarray(image.convert("RGB")).astype(int)
+    ours = load_rgb(path).astype(int)
+    assert ours.shape == reference.shape
+    assert np.abs(ours - reference).max() <= 2 and np.abs(ours - reference).mean() < 0.2
+    half = load_rgb(path, min_size=100)  # 240 / 2 = 120 >= 100; 240 / 4 = 60 is too small
+    assert half.shape == (120, 160, 3)
+    # CMYK JPEGs are not for libjpeg-turbo's RGB output: PIL decodes them, still as RGB
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(pixels).convert("CMYK").save(cmyk, quality=90)
+    assert images._decode_jpeg_turbo(cmyk.read_bytes(), lambda w, h: 1) is None
+    assert load_rgb(cmyk).shape == (240, 320, 3)
+
+
+def test_region_decode_chooses_the_box_once_from_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((200, 300, 3), 90, np.uint8)).save(path)
+    sizes: list[tuple[int, int]] = []
+
+    def choose(width: int, height: int) -> tuple[float, float, float, float]:
+        sizes.append((width, height))
+        return (10.0, 20.0, 110.0, 120.0)
+
+    region = load_rgb_region(path, choose, min_output=48)
+    assert sizes == [(300, 200)]
+    assert region.shape == (50, 50, 3)  # 100 px box at 1/2 scale stays >= 48
+
+
+def test_truncated_jpeg_fails_on_both_decoders(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CorruptImageError, match="cut.jpg"):
+        load_rgb(path)
+    with pytest.raises(CorruptImageError, match="cut.jpg"):
+        load_rgb_region(path, lambda w, h: (0.0, 0.0, float(w), float(h)), min_output=32)
 
 
 def test_fast_eval_transform_matches_the_albumentations_pipeline() -> None:
