@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import PurePath
 from typing import Any
 
 #: Project subcommands: name → (module whose ``main(argv)`` runs it, one-line help).
@@ -59,60 +57,15 @@ def print_help() -> None:
     print("\n'mobilenets <command> --help' shows a command's options.")
 
 
-def is_exported_model(path: Any) -> bool:
-    """Whether a ``--ckpt_path`` names an exported ONNX model (float or int8) rather than a checkpoint."""
-    return isinstance(path, str | PurePath) and str(path).lower().endswith(".onnx")
-
-
-@functools.cache
-def suite_cli_class() -> type:
-    """LightningCLI whose ``predict`` also serves an exported ``.onnx`` given as ``ckpt_path`` (built on
-    first use, so that ``mobilenets --help`` does not import Lightning)."""
-    from pytorch_lightning.cli import LightningCLI
-
-    class SuiteCLI(LightningCLI):
-        """``predict --ckpt_path model.onnx``: the config builds the task and its data as usual, without its
-        ImageNet ``weights`` (the export holds the trained network), the task checks and adopts the export
-        (``BaseTask.use_exported``) and its predict loop runs on ONNX Runtime, writing the same files."""
-
-        exported_path: str | None = None
-
-        def parse_arguments(self, parser: Any, args: Any) -> None:
-            super().parse_arguments(parser, args)
-            subcommand = self.config.get("subcommand")
-            section = self.config.get(subcommand) if subcommand else None
-            ckpt_path = section.get("ckpt_path") if section is not None else None
-            if not is_exported_model(ckpt_path):
-                return
-            if subcommand != "predict":
-                raise ValueError(
-                    f"{ckpt_path}: an exported .onnx model serves 'predict' only; '{subcommand}' needs the "
-                    "task's .ckpt checkpoint"
-                )
-            self.exported_path = str(ckpt_path)
-            # Lightning would read the file as a checkpoint (its hyperparameters, then its weights)
-            section.ckpt_path = None
-            init_args = section.get("model.init_args")
-            if init_args is not None and "weights" in init_args:
-                init_args.weights = None
-
-        def before_predict(self) -> None:
-            if self.exported_path is not None:
-                metadata = self.model.use_exported(self.exported_path)
-                quantized = f", {metadata['quantization']}" if metadata.get("quantization") else ""
-                print(f"predicting with {self.exported_path} (ONNX Runtime{quantized})")
-
-    return SuiteCLI
-
-
 def lightning_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> Any:
     """Run LightningCLI with the suite's base classes (any task, any datamodule, by class_path); ``predict``
     takes a checkpoint or an exported ``.onnx`` as ``ckpt_path``."""
     import pytorch_lightning as pl
 
     from mobilenets.tasks.base import BaseTask
+    from mobilenets.tasks.suite_cli import SuiteCLI
 
-    return suite_cli_class()(
+    return SuiteCLI(
         BaseTask,
         pl.LightningDataModule,
         subclass_mode_model=True,
