@@ -15,6 +15,8 @@ import torch
 MINUS_ONE_ONE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 #: The eval pipeline resizes the shorter side to input_size / CROP_FRACTION, then centre-crops.
 CROP_FRACTION = 0.875
+#: ITU-R BT.601 luma weights of R, G, B (what OpenCV's and PIL's RGB-to-grey conversions use).
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
@@ -136,13 +138,15 @@ class ClassificationTransform:
     @staticmethod
     def _jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.2) -> np.ndarray:
         brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        mean = float(gray.mean()) * brightness
-        # brightness then contrast around the mean, folded into one 256-entry lookup table
-        lut = np.clip((np.arange(256, dtype=np.float32) * brightness - mean) * contrast + mean, 0, 255)
-        image = cv2.LUT(image, lut.astype(np.uint8))
-        gray = cv2.LUT(gray, lut.astype(np.uint8))
-        return cv2.addWeighted(image, saturation, cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), 1 - saturation, 0)
+        # Brightness, contrast around the mean grey and saturation towards the grey are each affine in
+        # RGB, so their composition is one 3x4 colour matrix: a single saturating pass over the pixels.
+        grey = np.asarray(GREY_WEIGHTS, dtype=np.float64)
+        mean_grey = float(grey @ np.asarray(cv2.mean(image)[:3]))
+        towards_grey = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), grey)
+        matrix = np.empty((3, 4))
+        matrix[:, :3] = brightness * contrast * towards_grey
+        matrix[:, 3] = (1 - contrast) * brightness * mean_grey
+        return cv2.transform(image, matrix)
 
 
 # --------------------------------------------------------------------------- detection
