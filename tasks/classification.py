@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mobilenets.datasets.atomic import write_csv_atomic
 from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.prediction_files import predict_output_path, topk_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ImageClassifier(BaseTask):
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self._prediction_rows: list[list[Any]] = []
+        self._predictions: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
         super().__init__(**kwargs)
         # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
         # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
@@ -227,7 +228,7 @@ class ImageClassifier(BaseTask):
 
     # ------------------------------------------------------------------ predict
     def on_predict_epoch_start(self) -> None:
-        self._prediction_rows = []
+        self._predictions = []
 
     def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
         """Take the export's classes (count and names), as ``--ckpt_path`` takes a checkpoint's."""
@@ -254,31 +255,19 @@ class ImageClassifier(BaseTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probabilities = self.predict_network(batch["image"]).softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
-        for path, indices, values in zip(batch["path"], top.indices.tolist(), top.values.tolist()):
-            row: list[Any] = [path]
-            for index, value in zip(indices, values):
-                row += [index, self.class_name(index), f"{value:.6f}"]
-            self._prediction_rows.append(row)
+        self._predictions.append((list(batch["path"]), top.indices.cpu(), top.values.float().cpu()))
         return {"path": list(batch["path"]), "top_indices": top.indices, "top_probabilities": top.values}
 
-    def prediction_path(self) -> Path:
-        if self.predictions_file:
-            path = Path(self.predictions_file)
-        else:
-            path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.csv"
-        if self.trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{self.trainer.global_rank}{path.suffix}")
-        return path
-
     def on_predict_epoch_end(self) -> None:
+        paths = [path for batch_paths, _, _ in self._predictions for path in batch_paths]
         k = min(5, self.class_count or 1)
-        header = ["path"]
-        for rank in range(1, k + 1):
-            header += [f"class{rank}_index", f"class{rank}_name", f"class{rank}_probability"]
-        path = self.prediction_path()
-        write_csv_atomic(path, [header, *self._prediction_rows])
+        indices = torch.cat([i for _, i, _ in self._predictions]) if paths else torch.zeros(0, k)
+        values = torch.cat([v for _, _, v in self._predictions]) if paths else torch.zeros(0, k)
+        names = [str(name) for name in self.hparams.get("class_names") or []]
+        path = predict_output_path(self.trainer, self.predictions_file, "predictions.csv")
+        write_csv_atomic(path, topk_rows(paths, indices.numpy(), values.numpy(), names))
         self.last_predictions_path = path
-        print(f"wrote top-{k} predictions of {len(self._prediction_rows)} images to {path}")
+        print(f"wrote top-{k} predictions of {len(paths)} images to {path}")
 
     # ------------------------------------------------------------------ resuming
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from mobilenets.tasks.export import (
     preprocess_images,
     run_onnx,
 )
-from mobilenets.tasks.prediction_files import embedding_rows, multilabel_rows
+from mobilenets.tasks.prediction_files import embedding_rows, multilabel_rows, topk_rows
 
 
 def onnx_predict(
@@ -68,21 +68,10 @@ def prediction_rows(
     kind = output_kind(metadata)
     first = outputs[0]
     if kind == "logits":
-        names = parse_name_list(metadata.get("class_names"))
         probabilities = _softmax(first.astype(np.float64))
-        k = min(top_k, probabilities.shape[1])
-        header = ["path"]
-        for rank in range(1, k + 1):
-            header += [f"class{rank}_index", f"class{rank}_name", f"class{rank}_probability"]
-        rows = [header]
-        for path, row_probabilities in zip(paths, probabilities):
-            order = np.argsort(-row_probabilities, kind="stable")[:k]
-            row = [str(path)]
-            for index in order.tolist():
-                name = names[index] if index < len(names) else str(index)
-                row += [str(index), name, f"{row_probabilities[index]:.6f}"]
-            rows.append(row)
-        return rows
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        top = np.take_along_axis(probabilities, order, axis=1)
+        return topk_rows(paths, order, top, parse_name_list(metadata.get("class_names")))
     if kind == "multilabel_logits":
         names = parse_name_list(metadata.get("attribute_names") or metadata.get("attributes"))
         if len(names) != first.shape[1]:

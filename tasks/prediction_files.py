@@ -25,6 +25,30 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
+def topk_rows(
+    paths: Sequence[str | Path], indices: np.ndarray, probabilities: np.ndarray, names: Sequence[str]
+) -> list[list[str]]:
+    """CSV rows (header first) of a classifier's top-k: ``path``, then per rank ``class<r>_index``,
+    ``class<r>_name`` and ``class<r>_probability`` (6 decimals); ``indices`` and ``probabilities`` are
+    (N, k), best first. A class without a name is named by its index."""
+    k = indices.shape[1] if indices.ndim == 2 else 0
+    if indices.shape != probabilities.shape or len(indices) != len(paths):
+        raise ValueError(
+            f"top-k rows: expected ({len(paths)}, k) indices and probabilities, "
+            f"got {tuple(indices.shape)} and {tuple(probabilities.shape)}"
+        )
+    header = ["path"]
+    for rank in range(1, k + 1):
+        header += [f"class{rank}_index", f"class{rank}_name", f"class{rank}_probability"]
+    rows = [header]
+    for path, row_indices, row_probabilities in zip(paths, indices.tolist(), probabilities.tolist()):
+        cells = [str(path)]
+        for index, probability in zip(row_indices, row_probabilities):
+            cells += [str(index), names[index] if index < len(names) else str(index), f"{probability:.6f}"]
+        rows.append(cells)
+    return rows
+
+
 def multilabel_rows(
     paths: Sequence[str | Path],
     logits: np.ndarray,
