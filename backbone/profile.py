@@ -76,7 +76,8 @@ def count_parameters(model: nn.Module | Iterable[nn.Parameter]) -> int:
 def profile_model(model: nn.Module, input_size: int | tuple[int, int], in_channels: int = 3) -> Profile:
     """Count mult-adds and parameters of ``model`` on one ``input_size`` image."""
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
-    x = torch.zeros(1, in_channels, height, width)
+    parameter = next(model.parameters(), None)  # a task being tested on a GPU is profiled where it is
+    x = torch.zeros(1, in_channels, height, width, device=parameter.device if parameter is not None else None)
     return Profile(count_mult_adds(model, x), count_parameters(model))
 
 

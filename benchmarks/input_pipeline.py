@@ -72,17 +72,22 @@ def torchvision_pipeline(train: bool) -> Callable[[Path], torch.Tensor]:
     return load
 
 
-def training_step_rate(device: str, steps: int, batch_size: int = 32) -> float:
+def training_step_rate(device: str, steps: int, batch_size: int = 32, amp: bool = False) -> float:
     from mobilenets.tasks.classification import ImageClassifier
 
     model = ImageClassifier(num_classes=120, width_mult=1.0, input_size=224).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(batch_size, 3, 224, 224, device=device)
     targets = torch.randint(0, 120, (batch_size,), device=device)
+    if amp:  # what --trainer.precision bf16-mixed does, plus channels_last (faster convolutions)
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), targets).backward()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
         optimizer.step()
 
     step()
@@ -105,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--step-threads", type=int, default=0, help="torch threads of the step (0: all)")
+    parser.add_argument("--amp", action="store_true", help="time the step in bf16 autocast, channels_last")
     args = parser.parse_args()
 
     from mobilenets.datasets.image_list import ImageListDataset
@@ -133,7 +139,7 @@ def main() -> None:
     torch.set_num_threads(args.step_threads or torch.get_num_threads() or 1)
     if args.step_threads == 0:
         torch.set_num_threads(max(torch.multiprocessing.cpu_count(), 1))
-    step_rate = training_step_rate(args.device, args.steps)
+    step_rate = training_step_rate(args.device, args.steps, amp=args.amp)
 
     print(f"\ninput pipeline, 500x375 JPEG -> 224, one thread per worker, median of {args.repeats} runs")
     print(
@@ -147,7 +153,7 @@ def main() -> None:
         f"(PIL full decode alone: {decode_only:.0f} img/s; target for ours, train: >= 500 img/s per worker)"
     )
     print(
-        f"\ntraining step, 1.0 MobileNet-224, batch 32, {args.device} "
+        f"\ntraining step, 1.0 MobileNet-224, batch 32, {args.device}{' bf16 autocast' if args.amp else ''} "
         f"({torch.get_num_threads()} threads): {step_rate:.0f} img/s"
     )
     workers = step_rate / rows[0][1]

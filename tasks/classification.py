@@ -337,7 +337,7 @@ def _run_demo(root: Path, quick: bool) -> list[Any]:
         "trainer": {
             "max_epochs": epochs,
             "default_root_dir": str(runs),
-            "accelerator": "cpu",
+            "accelerator": "auto",  # the GPU where there is one
             "devices": 1,
             "logger": {
                 "class_path": "pytorch_lightning.loggers.CSVLogger",

@@ -342,7 +342,7 @@ class DetectionTask(BaseTask):
 
     def profile_image(self) -> torch.Tensor:
         size = self.hparams.input_size
-        return torch.zeros(3, size, size)
+        return torch.zeros(3, size, size, device=self.device)
 
     def profile(self) -> Profile:
         """Mult-adds of convolutions and linear layers on one ``input_size`` x ``input_size`` image, and all

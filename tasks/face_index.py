@@ -4,11 +4,13 @@ An index directory holds ``meta.json`` (id → image path and identity, the mode
 metric, index type and parameters, the "unknown" threshold, creation time) and the faiss file it names
 (``index-<token>.faiss``). Saving writes a new faiss file, then replaces ``meta.json`` atomically
 (``os.replace``) and only then deletes the old faiss file: a crash or full disk at any point leaves either
-the old or the new index complete, never a mix.
+the old or the new index complete, never a mix. An ``ivf-rerank`` index has a second file of the exact vectors
+(``vectors-<token>.faiss``, named by ``meta.json``'s ``vectors_file``), written and swapped the same way.
 
 Similarity is the inner product of L2-normalised embeddings (cosine); every faiss index is built with
-``METRIC_INNER_PRODUCT``. Index types: ``flat`` (exact), ``ivf`` (IVF-Flat), ``hnsw`` (graph) and
-``ivfpq`` (IVF with product quantisation, for very large galleries).
+``METRIC_INNER_PRODUCT``. Index types: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivf-rerank`` (IVF lists of
+4-bit PQ fast-scan codes pick candidates, exact inner products re-rank them), ``hnsw`` (graph) and ``ivfpq``
+(IVF with product quantisation, for very large galleries).
 """
 
 from __future__ import annotations
@@ -28,15 +30,19 @@ import faiss
 import numpy as np
 import torch
 
+from mobilenets.datasets.atomic import atomic_path
 from mobilenets.tasks.teacher import file_sha256
 
 log = logging.getLogger(__name__)
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
-INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq")
+IndexKind = Literal["flat", "ivf", "ivf-rerank", "hnsw", "ivfpq"]
+INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "ivf-rerank", "hnsw", "ivfpq")
+RERANK_KIND = "ivf-rerank"
 METADATA_FILE = "meta.json"
 FORMAT_VERSION = 1
-#: Galleries up to this size get an exact index by default; beyond it IVF; beyond IVF_LIMIT IVF-PQ.
+#: fast-scan PQ codes are 4-bit: 16 centroids per sub-quantizer, so training needs at least 16 vectors.
+FAST_SCAN_CENTROIDS = 16
+#: Galleries up to this size get an exact index by default; beyond it IVF + re-ranking; beyond IVF_LIMIT IVF-PQ.
 EXACT_LIMIT = 100_000
 IVF_LIMIT = 10_000_000
 #: Fallback "unknown" threshold (cosine) when neither the model nor the user provides one.
@@ -49,11 +55,11 @@ class FaceIndexError(ValueError):
 
 # --------------------------------------------------------------------------- choosing and making indexes
 def default_index_kind(num_vectors: int) -> IndexKind:
-    """Exact search up to ~100k faces, IVF-Flat up to ~10M, IVF-PQ beyond (memory)."""
+    """Exact search up to ~100k faces, IVF fast-scan + exact re-ranking up to ~10M, IVF-PQ beyond (memory)."""
     if num_vectors <= EXACT_LIMIT:
         return "flat"
     if num_vectors <= IVF_LIMIT:
-        return "ivf"
+        return "ivf-rerank"
     return "ivfpq"
 
 
@@ -61,9 +67,9 @@ def _power_of_two_near(value: float) -> int:
     return 1 << max(0, round(math.log2(max(value, 1.0))))
 
 
-def _pq_subquantizers(dim: int) -> int:
-    """The largest divisor of ``dim`` that is at most dim / 8 (8-d sub-vectors; 16 bytes at 128-d)."""
-    for m in range(max(1, dim // 8), 0, -1):
+def _pq_subquantizers(dim: int, sub_dim: int) -> int:
+    """The largest divisor of ``dim`` that is at most dim / sub_dim (sub-vectors of at least ``sub_dim``)."""
+    for m in range(max(1, dim // sub_dim), 0, -1):
         if dim % m == 0:
             return m
     return 1
@@ -72,10 +78,10 @@ def _pq_subquantizers(dim: int) -> int:
 def default_index_params(kind: IndexKind, num_vectors: int, dim: int) -> dict[str, int]:
     """Parameters for ``kind`` at this gallery size (powers of two, nlist capped by n).
 
-    IVF: nlist ≈ 4√n (faiss' guideline) and nprobe = max(8, nlist / 128), i.e. 32 of 4096 lists at 1 M
-    faces. On 1 M clustered face-like vectors (benchmarks/face_index.py, identities at random centres)
-    nprobe 8 found exact search's top-1 face 83% of the time, 32 → 94% at ~29x exact's queries/s,
-    64 → 96.5% at ~17x; the top-1 face showed the right person in 100% at every setting.
+    IVF kinds: nlist ≈ 4√n (faiss' guideline) and nprobe = max(8, nlist / 128), i.e. 32 of 4096 lists at
+    1 M faces, the coarse k-means trained on up to 256 vectors per list.
+    ivf-rerank: 4-d sub-vectors of 4 bits (m = 32 at 128-d, 16 bytes a face) and the k·16 best candidates
+    re-ranked by exact inner products. MEASUREMENTS
     IVF-PQ (beyond 10 M faces, memory bound): the same lists with 8-d sub-vectors of 8 bits.
     """
     if kind == "flat":
@@ -86,11 +92,87 @@ def default_index_params(kind: IndexKind, num_vectors: int, dim: int) -> dict[st
     nprobe = min(max(8, nlist // 128), nlist)
     if kind == "ivf":
         return {"nlist": nlist, "nprobe": nprobe}
+    if kind == RERANK_KIND:
+        return {"nlist": nlist, "nprobe": nprobe, "m": _pq_subquantizers(dim, 4), "k_factor": 16}
     nbits = max(1, min(8, int(math.log2(max(num_vectors, 2)))))
-    return {"nlist": nlist, "nprobe": nprobe, "m": _pq_subquantizers(dim), "nbits": nbits}
+    return {"nlist": nlist, "nprobe": nprobe, "m": _pq_subquantizers(dim, 8), "nbits": nbits}
 
 
-def make_faiss_index(kind: IndexKind, dim: int, params: dict[str, int]) -> faiss.Index:
+class RerankedIVFIndex:
+    """IVF lists of 4-bit PQ fast-scan codes (``codes``) propose the k·``k_factor`` best candidates of a
+    query; exact inner products with the float32 embeddings kept by id (``vectors``, an IndexIDMap2 over
+    IndexFlatIP) re-rank them. The compressed scan is fast but coarse and the re-ranking makes the final
+    order and similarities exact. Offers the part of faiss' index interface that ``FaceIndex`` uses
+    (``d``, ``ntotal``, ``is_trained``, ``train``, ``add_with_ids``, ``remove_ids``, ``search``).
+
+    faiss' own IndexRefineFlat is not used: it supports neither add_with_ids nor remove_ids, so ids could
+    not stay stable, and it does not save k_factor.
+    """
+
+    def __init__(self, codes: faiss.Index, vectors: faiss.Index, k_factor: int) -> None:
+        self.codes = codes
+        self.vectors = vectors
+        self.k_factor = int(k_factor)
+
+    @classmethod
+    def empty(cls, dim: int, params: dict[str, int]) -> RerankedIVFIndex:
+        """An untrained index with ``params``' nlist, m (must divide ``dim``) and k_factor."""
+        nlist, m, k_factor = int(params["nlist"]), int(params["m"]), int(params["k_factor"])
+        if m < 1 or dim % m:
+            raise FaceIndexError(f"ivf-rerank: m={m} PQ sub-quantizers must divide the embedding size {dim}")
+        if k_factor < 1:
+            raise FaceIndexError(f"ivf-rerank: k_factor must be >= 1, got {k_factor}")
+        ip = faiss.METRIC_INNER_PRODUCT
+        codes = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(dim), dim, nlist, m, 4, ip)
+        return cls(codes, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), k_factor)
+
+    @property
+    def d(self) -> int:
+        return int(self.codes.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.codes.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.codes.is_trained)
+
+    def train(self, vectors: np.ndarray) -> None:
+        self.codes.train(vectors)
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.vectors.add_with_ids(vectors, ids)
+        self.codes.add_with_ids(vectors, ids)
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        self.vectors.remove_ids(ids)
+        return int(self.codes.remove_ids(ids))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss' (similarities, ids) of the ``k`` best faces per query row (-1 where fewer exist)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        candidates = min(max(k, k * self.k_factor), max(self.ntotal, 1))
+        _, ids = self.codes.search(queries, candidates)
+        valid = ids >= 0
+        if valid.all():
+            stored = self.vectors.reconstruct_batch(ids.ravel())
+        else:  # lists too short to fill every query's candidates
+            stored = np.zeros((ids.size, self.d), dtype=np.float32)
+            stored[valid.ravel()] = self.vectors.reconstruct_batch(ids[valid])
+        scores = np.einsum("qcd,qd->qc", stored.reshape(*ids.shape, self.d), queries)
+        scores[~valid] = -np.inf
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(scores, best, axis=1)
+        top_ids = np.take_along_axis(ids, best, axis=1)
+        if k > candidates:  # faiss' convention for missing results: id -1
+            top_scores = np.pad(top_scores, ((0, 0), (0, k - candidates)), constant_values=-np.inf)
+            top_ids = np.pad(top_ids, ((0, 0), (0, k - candidates)), constant_values=-1)
+        top_ids[~np.isfinite(top_scores)] = -1
+        return top_scores, top_ids
+
+
+def make_faiss_index(kind: IndexKind, dim: int, params: dict[str, int]) -> faiss.Index | RerankedIVFIndex:
     """An empty inner-product index of ``kind`` that accepts caller-chosen ids (add_with_ids)."""
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
@@ -99,6 +181,8 @@ def make_faiss_index(kind: IndexKind, dim: int, params: dict[str, int]) -> faiss
         hnsw = faiss.IndexHNSWFlat(dim, int(params["M"]), ip)
         hnsw.hnsw.efConstruction = int(params["efConstruction"])
         return faiss.IndexIDMap2(hnsw)
+    if kind == RERANK_KIND:
+        return RerankedIVFIndex.empty(dim, params)
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), ip)
@@ -111,26 +195,35 @@ def make_faiss_index(kind: IndexKind, dim: int, params: dict[str, int]) -> faiss
     return index  # faiss' Python wrapper keeps the quantizer alive with the index
 
 
-def apply_search_params(index: faiss.Index, kind: str, params: dict[str, int]) -> None:
-    """Set the query-time knobs (nprobe / efSearch) that the faiss file may not carry."""
-    if kind in ("ivf", "ivfpq"):
+def apply_search_params(index: faiss.Index | RerankedIVFIndex, kind: str, params: dict[str, int]) -> None:
+    """Set the query-time knobs (nprobe / efSearch / k_factor) that the faiss file may not carry."""
+    if isinstance(index, RerankedIVFIndex):
+        faiss.extract_index_ivf(index.codes).nprobe = int(params["nprobe"])
+        index.k_factor = int(params["k_factor"])
+    elif kind in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     elif kind == "hnsw":
         faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = int(params["efSearch"])
 
 
 def train_index(
-    index: faiss.Index, vectors: np.ndarray, kind: str, params: dict[str, int], seed: int = 0
+    index: faiss.Index | RerankedIVFIndex,
+    vectors: np.ndarray,
+    kind: str,
+    params: dict[str, int],
+    seed: int = 0,
 ) -> None:
-    """Train IVF / PQ indexes on (a sample of) the vectors: 64 per list is plenty for the coarse k-means."""
+    """Train IVF / PQ indexes on a seeded sample of up to 256 vectors per list (faiss' own cap for the
+    coarse k-means: 64 per list cost ~5 points of recall@1 at 1 M faces)."""
     if index.is_trained:
         return
-    needed = int(params.get("nlist", 1))
+    nlist = int(params.get("nlist", 1))
+    needed = max(nlist, FAST_SCAN_CENTROIDS) if kind == RERANK_KIND else nlist
     if len(vectors) < needed:
         raise FaceIndexError(
-            f"an {kind} index with nlist={needed} needs at least {needed} vectors, got {len(vectors)}"
+            f"an {kind} index with nlist={nlist} needs at least {needed} vectors to train, got {len(vectors)}"
         )
-    sample_size = max(64 * needed, 256 * (1 << int(params.get("nbits", 0))) if kind == "ivfpq" else 0)
+    sample_size = max(256 * nlist, 256 * (1 << int(params.get("nbits", 0))) if kind == "ivfpq" else 0)
     if len(vectors) > sample_size:
         rows = np.random.default_rng(seed).choice(len(vectors), size=sample_size, replace=False)
         vectors = vectors[np.sort(rows)]
@@ -237,7 +330,9 @@ class FaceIndex:
     or an image path (embedded with the index's model).
     """
 
-    def __init__(self, directory: Path, index: faiss.Index, metadata: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: Path, index: faiss.Index | RerankedIVFIndex, metadata: dict[str, Any]
+    ) -> None:
         self.directory = Path(directory)
         self.index = index
         self.metadata = metadata
@@ -317,6 +412,7 @@ class FaceIndex:
             "next_id": 0,
             "entries": {},
             "index_file": None,
+            "vectors_file": None,
         }
         index = make_faiss_index(chosen, dim, merged)  # type: ignore[arg-type]
         train_index(index, embeddings, chosen, merged)
@@ -350,24 +446,24 @@ class FaceIndex:
                 raise FaceIndexError(f"{meta_path}: index metadata lacks the {key!r} entry")
         if metadata.get("metric") != "inner_product":
             raise FaceIndexError(f"{meta_path}: metric {metadata.get('metric')!r}, expected 'inner_product'")
-        index_path = directory / str(metadata["index_file"])
-        if not index_path.is_file():
-            raise FaceIndexError(f"{index_path}: faiss index file missing (named in {meta_path})")
-        try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as error:
-            raise FaceIndexError(
-                f"{index_path}: cannot read the faiss index (truncated or corrupt file?): {str(error).splitlines()[0]}"
-            ) from error
-        if index.d != int(metadata["embedding_size"]):
-            raise FaceIndexError(
-                f"{index_path}: index dimension {index.d} differs from the embedding size "
-                f"{metadata['embedding_size']} in {meta_path}"
+        index: faiss.Index | RerankedIVFIndex = _read_faiss_file(directory, metadata, "index_file")
+        if metadata["index_type"] == RERANK_KIND:
+            vectors = _read_faiss_file(directory, metadata, "vectors_file")
+            vectors_path = directory / str(metadata["vectors_file"])
+            if not isinstance(vectors, faiss.IndexIDMap2):
+                raise FaceIndexError(
+                    f"{vectors_path}: not the IndexIDMap2 of exact vectors that an {RERANK_KIND} index keeps "
+                    f"(found a faiss {type(vectors).__name__})"
+                )
+            stored = faiss.vector_to_array(vectors.id_map)
+            listed = np.fromiter(
+                map(int, metadata["entries"]), dtype=np.int64, count=len(metadata["entries"])
             )
-        if index.ntotal != len(metadata["entries"]):
-            raise FaceIndexError(
-                f"{index_path}: holds {index.ntotal} vectors but {meta_path} lists {len(metadata['entries'])} faces"
-            )
+            if not np.array_equal(np.sort(stored), np.sort(listed)):
+                raise FaceIndexError(
+                    f"{vectors_path}: its face ids differ from those {meta_path} lists (a file of another save?)"
+                )
+            index = RerankedIVFIndex(index, vectors, int(metadata["index_params"]["k_factor"]))
         face_index = cls(directory, index, metadata)
         if ckpt_path is not None:
             face_index.use_model(ckpt_path)
@@ -493,28 +589,40 @@ class FaceIndex:
         return self._remove_ids(sorted(set(wanted)), "remove")
 
     # ------------------------------------------------------------------ saving (atomic)
+    def _faiss_parts(self) -> dict[str, tuple[str, faiss.Index]]:
+        """meta.json key → (file name prefix, faiss index) of each file this index is saved as."""
+        if isinstance(self.index, RerankedIVFIndex):
+            return {
+                "index_file": ("index", self.index.codes),
+                "vectors_file": ("vectors", self.index.vectors),
+            }
+        return {"index_file": ("index", self.index)}
+
     def save(self) -> None:
-        """Write the faiss file under a new name, then atomically replace ``meta.json`` (the pointer to it),
-        then delete the previous faiss file. Failure at any step leaves the previous index intact."""
+        """Write the faiss file(s) under new names, then atomically replace ``meta.json`` (the pointer to
+        them), then delete the previous files. Failure at any step leaves the previous index intact."""
         directory = self.directory
         directory.mkdir(parents=True, exist_ok=True)
-        old_file = self.metadata.get("index_file")
-        new_file = f"index-{uuid.uuid4().hex[:12]}.faiss"
-        index_tmp = directory / f".{new_file}.tmp"
-        meta_tmp = directory / f".{METADATA_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-        metadata = {**self.metadata, "index_file": new_file}
+        parts = self._faiss_parts()
+        old_files = [self.metadata.get(key) for key in ("index_file", "vectors_file")]
+        token = uuid.uuid4().hex[:12]
+        new_files = {key: f"{prefix}-{token}.faiss" for key, (prefix, _) in parts.items()}
+        metadata = {**self.metadata, "index_file": None, "vectors_file": None, **new_files}
         metadata["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        written: list[Path] = []
         try:
-            faiss.write_index(self.index, str(index_tmp))
-            _fsync(index_tmp)
-            os.replace(index_tmp, directory / new_file)
-            with open(meta_tmp, "w", encoding="utf-8") as stream:
+            for key, (_, part) in parts.items():
+                target = directory / new_files[key]
+                with atomic_path(target) as temp:  # a temp name, renamed only once complete
+                    faiss.write_index(part, str(temp))
+                    _fsync(temp)
+                written.append(target)
+            with atomic_path(directory / METADATA_FILE) as temp, open(temp, "w", encoding="utf-8") as stream:
                 json.dump(metadata, stream, indent=1)
                 stream.flush()
                 os.fsync(stream.fileno())
-            os.replace(meta_tmp, directory / METADATA_FILE)
         except BaseException as error:
-            for leftover in (index_tmp, meta_tmp, directory / new_file):
+            for leftover in written:
                 leftover.unlink(missing_ok=True)
             if isinstance(error, Exception):
                 raise FaceIndexError(
@@ -523,8 +631,9 @@ class FaceIndex:
                 ) from error
             raise
         self.metadata = metadata
-        if old_file and old_file != new_file:
-            (directory / old_file).unlink(missing_ok=True)
+        for old_file in old_files:
+            if old_file and old_file not in new_files.values():
+                (directory / old_file).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ search
     def embed_query(self, query: str | Path | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -575,6 +684,32 @@ class FaceIndex:
             f"{self.directory}: {len(self)} faces, {self.kind} ({params}), {self.dim}-d inner product, "
             f"threshold {self.threshold:.3f} ({self.metadata.get('threshold_source', '?')})"
         )
+
+
+def _read_faiss_file(directory: Path, metadata: dict[str, Any], key: str) -> faiss.Index:
+    """The faiss file that ``meta.json``'s ``key`` names, checked against its dimension and face count."""
+    meta_path = directory / METADATA_FILE
+    if not metadata.get(key):
+        raise FaceIndexError(f"{meta_path}: index metadata lacks the {key!r} entry")
+    path = directory / str(metadata[key])
+    if not path.is_file():
+        raise FaceIndexError(f"{path}: faiss index file missing (named in {meta_path})")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise FaceIndexError(
+            f"{path}: cannot read the faiss index (truncated or corrupt file?): {str(error).splitlines()[0]}"
+        ) from error
+    if index.d != int(metadata["embedding_size"]):
+        raise FaceIndexError(
+            f"{path}: index dimension {index.d} differs from the embedding size "
+            f"{metadata['embedding_size']} in {meta_path}"
+        )
+    if index.ntotal != len(metadata["entries"]):
+        raise FaceIndexError(
+            f"{path}: holds {index.ntotal} vectors but {meta_path} lists {len(metadata['entries'])} faces"
+        )
+    return index
 
 
 def _fsync(path: Path) -> None:

@@ -1,6 +1,6 @@
 """``mobilenets faces``: build, extend and search face-embedding indexes.
 
-mobilenets faces index build --gallery DIR --ckpt_path MODEL.ckpt --out INDEX_DIR [--index flat|ivf|hnsw|ivfpq]
+mobilenets faces index build --gallery DIR --ckpt_path MODEL.ckpt --out INDEX_DIR [--index flat|ivf|ivf-rerank|hnsw|ivfpq]
 mobilenets faces index add --index INDEX_DIR --gallery DIR [--replace]
 mobilenets faces index remove --index INDEX_DIR --path IMG | --id N | --identity NAME
 mobilenets faces index info --index INDEX_DIR
@@ -57,6 +57,7 @@ def build(args: argparse.Namespace) -> int:
         for key, value in (
             ("nlist", args.nlist),
             ("nprobe", args.nprobe),
+            ("k_factor", args.k_factor),
             ("M", args.hnsw_m),
             ("efSearch", args.ef_search),
         )
@@ -186,6 +187,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", choices=INDEX_KINDS, help="index type (default: chosen from the gallery size)")
     b.add_argument("--nlist", type=int, help="IVF lists (default ≈ 4·sqrt(n))")
     b.add_argument("--nprobe", type=int, help="IVF lists searched per query")
+    b.add_argument("--k-factor", type=int, help="ivf-rerank: candidates re-ranked exactly per result (16)")
     b.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node")
     b.add_argument("--ef-search", type=int, help="HNSW search breadth")
     b.add_argument("--threshold", type=float, help="cosine below which a probe is 'unknown'")
@@ -267,7 +269,7 @@ def run_demo(root: Path, quick: bool) -> list:
         "trainer": {
             "max_epochs": 3 if quick else 15,
             "default_root_dir": str(root / "runs"),
-            "accelerator": "cpu",
+            "accelerator": "auto",  # the GPU where there is one
             "enable_model_summary": False,
             "log_every_n_steps": 1,
         },

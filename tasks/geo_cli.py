@@ -197,7 +197,7 @@ def run_demo(root: Path, quick: bool) -> list:
         "seed_everything": 0,
         "trainer": {
             "max_epochs": 4 if quick else 12,
-            "accelerator": "cpu",
+            "accelerator": "auto",  # the GPU where there is one
             "devices": 1,
             "default_root_dir": str(root / "runs"),
             "enable_model_summary": False,
