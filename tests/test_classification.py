@@ -18,6 +18,9 @@ from mobilenets.tasks.classification import ClassNamesError, ImageClassifier
 from mobilenets.tasks.cli import lightning_cli, main
 from mobilenets.tasks.profile_cmd import instantiate_model_from_config
 
+# tiny models run fastest on one thread (two contend badly on a shared 2-core runner)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DOGS_CONFIGS = sorted(CONFIGS.glob("dogs_*.yaml"))
 TABLE10 = {
@@ -26,15 +29,6 @@ TABLE10 = {
     "dogs_1.0_192": (418, 3.3),
     "dogs_0.75_192": (239, 1.9),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads contend badly on a shared 2-core runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,12 @@ from mobilenets.tasks.geolocation import GeoClassifier
 from mobilenets.tasks.onnx_network import ExportMismatchError, OnnxNetwork
 from mobilenets.tasks.onnx_predict import onnx_predict, prediction_rows
 
+# tiny models run fastest on one thread (two contend badly on a shared 2-core runner)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZE = 32
 CLASSES = ["a", "b", "c"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads contend badly on a shared 2-core runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_checkpoint(task: BaseTask, path: Path) -> Path:

@@ -20,18 +20,12 @@ from mobilenets.tasks.embedding import FaceEmbedder
 from mobilenets.tasks.export import export_onnx, preprocess_images
 from mobilenets.tasks.prediction_files import PRESENT_COLUMN, predict_output_path
 
+# tiny models run fastest on one thread (two contend badly on a shared 2-core runner)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZE = 32
 NAMES = ["w", "x", "y", "z"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads contend badly on a shared 2-core runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
