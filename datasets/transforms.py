@@ -126,7 +126,7 @@ class ClassificationTransform:
         size = self.input_size
         shrink = min(crop.shape[0], crop.shape[1]) / size
         interpolation = cv2.INTER_AREA if shrink > 2 else cv2.INTER_LINEAR
-        image = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=interpolation)
+        image = cv2.resize(crop, (size, size), interpolation=interpolation)  # OpenCV reads the view
         if self.train:
             if self.hflip and rng.random() < 0.5:
                 image = cv2.flip(image, 1)
