@@ -81,7 +81,11 @@ def default_index_params(kind: IndexKind, num_vectors: int, dim: int) -> dict[st
     IVF kinds: nlist ≈ 4√n (faiss' guideline) and nprobe = max(8, nlist / 128), i.e. 32 of 4096 lists at
     1 M faces, the coarse k-means trained on up to 256 vectors per list.
     ivf-rerank: 4-d sub-vectors of 4 bits (m = 32 at 128-d, 16 bytes a face) and the k·16 best candidates
-    re-ranked by exact inner products. MEASUREMENTS
+    re-ranked by exact inner products. On 1 M clustered face-like vectors (benchmarks/face_index.py, 2000
+    queries, 2 threads, timed in turns with exact search) it found exact search's top-1 face 97.2% of the
+    time at 106x exact's queries/s; nprobe 16 → 94.3% (107x), 24 → 96.4% (109x), 64 → 98.5% (69x);
+    k_factor 8 → 93.8% (102x), 32 → 97.2% (61x). IVF-Flat over the same lists gave the same recall at each
+    nprobe but 12x at nprobe 32 (18x at 16). The top-1 face showed the right person in 100% everywhere.
     IVF-PQ (beyond 10 M faces, memory bound): the same lists with 8-d sub-vectors of 8 bits.
     """
     if kind == "flat":
