@@ -99,7 +99,10 @@ class ImageClassifier(BaseTask):
                 "top1": MulticlassAccuracy(count, top_k=1, average="micro"),
                 "top5": MulticlassAccuracy(count, top_k=min(5, count), average="micro"),
                 "mean_class_acc": MulticlassAccuracy(count, top_k=1, average="macro"),
-            }
+            },
+            # compute groups merge metrics whose states match after the first batch: a first batch that is
+            # all correct at top-1 would make top-5 report top-1 for the rest of the epoch
+            compute_groups=False,
         )
 
     def _build_head(self, count: int) -> None:

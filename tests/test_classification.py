@@ -287,3 +287,14 @@ def test_demo_fits_generated_breeds_far_above_chance(tmp_path: Path) -> None:
         "Maltese dog",
         "Pekinese",
     }
+
+
+def test_top5_stays_its_own_metric_after_an_all_correct_first_batch() -> None:
+    metrics = ImageClassifier(num_classes=6, width_mult=0.25, input_size=32).configure_metrics()
+    target = torch.tensor([0, 1, 2, 3])
+    metrics.update(torch.eye(6)[target] * 5, target)  # all right at top-1 (and so at top-5)
+    wrong_at_top1 = torch.tensor([[0.0, 3.0, 2.0, 0.0, 0.0, 0.0]] * 4)  # class 2 ranked second
+    metrics.update(wrong_at_top1, torch.tensor([2, 2, 2, 2]))
+    values = metrics.compute()
+    assert values["top1"].item() == pytest.approx(0.5)
+    assert values["top5"].item() == pytest.approx(1.0)
