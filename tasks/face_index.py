@@ -147,7 +147,11 @@ class RerankedIVFIndex:
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self.vectors.add_with_ids(vectors, ids)
-        self.codes.add_with_ids(vectors, ids)
+        try:
+            self.codes.add_with_ids(vectors, ids)
+        except BaseException:  # out of memory, interrupted: keep the two halves in step
+            self.vectors.remove_ids(np.asarray(ids, dtype=np.int64))
+            raise
 
     def remove_ids(self, ids: np.ndarray) -> int:
         self.vectors.remove_ids(ids)

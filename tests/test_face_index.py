@@ -177,6 +177,24 @@ def test_ivf_rerank_recall_and_exact_similarities(tmp_path: Path) -> None:
     )
 
 
+def test_ivf_rerank_add_failing_half_way_keeps_codes_and_vectors_in_step() -> None:
+    dim = 16
+    vectors, _, _ = clustered(40, 5, dim=dim)
+    index = RerankedIVFIndex.empty(dim, {"nlist": 4, "nprobe": 4, "m": 4, "k_factor": 4})
+    index.train(vectors)
+    index.add_with_ids(vectors[:100], np.arange(100, dtype=np.int64))
+
+    class FailingCodes:
+        def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+            raise MemoryError("simulated")
+
+    codes, index.codes = index.codes, FailingCodes()
+    with pytest.raises(MemoryError):
+        index.add_with_ids(vectors[100:], np.arange(100, 200, dtype=np.int64))
+    index.codes = codes
+    assert index.vectors.ntotal == index.codes.ntotal == 100
+
+
 def test_ivf_rerank_parameters_are_checked(tmp_path: Path) -> None:
     vectors, paths, identities = clustered(10, 3)
     with pytest.raises(FaceIndexError, match="m=5 PQ sub-quantizers must divide the embedding size 16"):
