@@ -76,7 +76,7 @@ def prediction_rows(
         names = parse_name_list(metadata.get("attribute_names") or metadata.get("attributes"))
         if len(names) != first.shape[1]:
             names = [f"attribute{i}" for i in range(first.shape[1])]
-        return multilabel_rows(paths, first, names)
+        return multilabel_rows(paths, first, names, present_column=True)
     if kind == "embedding":
         return embedding_rows(paths, first)
     raise ExportError(
