@@ -172,10 +172,12 @@ class FaceEmbedder(BaseTask):
         self.embedding_size = embedding_size
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
-        # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
+        # Output locations, not part of the model: kept out of checkpoints so that LightningCLI, which
+        # copies a checkpoint's hyperparameters over the config, cannot replace the ones given for test/predict.
         self.embeddings_file = embeddings_file
+        self.plot_dir = plot_dir
         self.hparams.pop("embeddings_file", None)
+        self.hparams.pop("plot_dir", None)
         self.last_embeddings_paths: tuple[Path, Path] | None = None
         self._predict_paths: list[str] = []
         self._predict_embeddings: list[torch.Tensor] = []
@@ -370,8 +372,8 @@ class FaceEmbedder(BaseTask):
             self._write_test_outputs(report, scores, same)
 
     def _output_dir(self) -> Path:
-        if self.hparams.plot_dir:
-            return Path(self.hparams.plot_dir)
+        if self.plot_dir:
+            return Path(self.plot_dir)
         log_dir = self.trainer.log_dir if self.trainer.logger else None
         return Path(log_dir or self.trainer.default_root_dir)
 
