@@ -3,6 +3,8 @@ and one policy for corrupt files."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -56,32 +58,6 @@ def _jpeg_scale(limit: float) -> int:
     return next((s for s in (8, 4, 2) if s <= limit), 1)
 
 
-def _decode_jpeg_turbo(
-    data: bytes, scale_of: Callable[[int, int], int]
-) -> tuple[np.ndarray, int, int] | None:
-    """libjpeg-turbo straight into an RGB array (simplejpeg: no PIL image object, no mode conversion), at
-    the DCT scale ``scale_of(width, height)`` picks from the header.
-
-    Returns ``(rgb, full_width, full_height)``, or None where this path does not apply (not a JPEG,
-    CMYK/YCCK data, any decoder complaint): the caller then decodes with PIL, so a corrupt
-    file fails with PIL's message and the same error type either way.
-    """
-    if not data.startswith(JPEG_MAGIC):
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray"):
-            return None
-        scale = scale_of(width, height)
-        # simplejpeg picks the largest factor whose output still meets both minimums: exactly 1/scale
-        rgb = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale)
-        )
-    except ValueError:
-        return None
-    return rgb, width, height
-
-
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -91,6 +67,43 @@ def _read_bytes(path: Path) -> bytes:
         raise CorruptImageError(f"{path}: cannot read image ({error})") from error
 
 
+def _decode(path: Path, scale_of: Callable[[int, int], int]) -> tuple[np.ndarray, int, int]:
+    """``(rgb, full_width, full_height)`` of ``path``, a JPEG decoded at the DCT scale that
+    ``scale_of(width, height)`` picks from the header (it is called exactly once).
+
+    JPEGs go to libjpeg-turbo straight into an RGB array (simplejpeg: no PIL image object, no mode
+    conversion); other formats, CMYK/YCCK data and anything simplejpeg rejects are decoded by PIL from the
+    same bytes, so a corrupt file fails with PIL's message as ``CorruptImageError`` naming the file.
+    """
+    data = _read_bytes(path)
+    scale = None
+    if data.startswith(JPEG_MAGIC):
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None
+        if colorspace is not None:
+            scale = scale_of(width, height)
+            if colorspace in ("YCbCr", "Gray"):
+                with contextlib.suppress(ValueError):
+                    # simplejpeg picks the largest factor whose output meets both minimums: exactly 1/scale
+                    rgb = simplejpeg.decode_jpeg(
+                        data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale)
+                    )
+                    return rgb, width, height
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if scale is None:
+                scale = scale_of(width, height)
+            if scale > 1 and image.format == "JPEG":
+                image.draft("RGB", (width // scale, height // scale))
+            image.load()
+            return np.asarray(to_rgb(image)), width, height
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise CorruptImageError(f"{path}: cannot decode image ({error})") from error
+
+
 def load_rgb(path: str | Path, min_size: int | None = None) -> np.ndarray:
     """Decode ``path`` as an RGB ``uint8`` array of shape (H, W, 3).
 
@@ -98,22 +111,7 @@ def load_rgb(path: str | Path, min_size: int | None = None) -> np.ndarray:
     while keeping the shorter side at least ``min_size``.
     Raises ``CorruptImageError`` naming the file when it cannot be decoded.
     """
-    path = Path(path)
-    decoded = _decode_jpeg_turbo(
-        _read_bytes(path), lambda w, h: _jpeg_scale(min(w, h) / min_size) if min_size else 1
-    )
-    if decoded is not None:
-        return decoded[0]
-    try:
-        with Image.open(path) as image:
-            if min_size and image.format == "JPEG":
-                image.draft("RGB", (min_size, min_size))
-            image.load()
-            return np.asarray(to_rgb(image))
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise CorruptImageError(f"{path}: cannot decode image ({error})") from error
+    return _decode(Path(path), lambda w, h: _jpeg_scale(min(w, h) / min_size) if min_size else 1)[0]
 
 
 Box = tuple[float, float, float, float]
@@ -130,33 +128,15 @@ def load_rgb_region(
     is what makes large photos cheap. Raises ``CorruptImageError`` naming the file when it cannot be
     decoded.
     """
-    path = Path(path)
     chosen: list[Box] = []
 
     def scale_of(width: int, height: int) -> int:
-        if not chosen:
-            chosen.append(choose_box(width, height))
-        x0, y0, x1, y1 = chosen[0]
+        box = choose_box(width, height)
+        chosen.append(box)
+        x0, y0, x1, y1 = box
         return _jpeg_scale(min(x1 - x0, y1 - y0) / min_output) if min_output else 1
 
-    decoded = _decode_jpeg_turbo(_read_bytes(path), scale_of)
-    if decoded is not None:
-        rgb, width, height = decoded
-    else:
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-                scale = scale_of(width, height) if image.format == "JPEG" else 1
-                if scale > 1:
-                    image.draft("RGB", (width // scale, height // scale))
-                image.load()
-                rgb = np.asarray(to_rgb(image))
-        except FileNotFoundError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise CorruptImageError(f"{path}: cannot decode image ({error})") from error
-        if not chosen:
-            chosen.append(choose_box(width, height))
+    rgb, width, height = _decode(Path(path), scale_of)
     x0, y0, x1, y1 = chosen[0]
     sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
     left, top = min(int(x0 * sx), rgb.shape[1] - 1), min(int(y0 * sy), rgb.shape[0] - 1)

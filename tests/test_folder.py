@@ -133,16 +133,21 @@ def test_region_decode_uses_a_reduced_dct_scale(tmp_path: Path) -> None:
     assert full.shape == (300, 300, 3)  # a small region needs full resolution
 
 
-def test_turbo_jpeg_path_matches_pil_and_falls_back_for_cmyk(tmp_path: Path) -> None:
+def test_turbo_jpeg_path_matches_pil_and_falls_back_for_cmyk(tmp_path: Path, monkeypatch) -> None:
+    turbo_decodes: list[int] = []
+    decode_jpeg = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(
+        images.simplejpeg, "decode_jpeg", lambda *a, **k: turbo_decodes.append(1) or decode_jpeg(*a, **k)
+    )
     rng = np.random.default_rng(1)
     base = np.linspace(0, 220, 320, dtype=np.float32)[None, :, None] + rng.normal(0, 12, (240, 320, 3))
     pixels = np.clip(base, 0, 255).astype(np.uint8)
     path = tmp_path / "photo.jpg"
     Image.fromarray(pixels).save(path, quality=90)
-    assert images._decode_jpeg_turbo(path.read_bytes(), lambda w, h: 1) is not None
     with Image.open(path) as image:
         reference = np.asarray(image.convert("RGB")).astype(int)
     ours = load_rgb(path).astype(int)
+    assert len(turbo_decodes) == 1  # libjpeg-turbo decoded it, not PIL
     assert ours.shape == reference.shape
     assert np.abs(ours - reference).max() <= 2 and np.abs(ours - reference).mean() < 0.2
     half = load_rgb(path, min_size=100)  # 240 / 2 = 120 >= 100; 240 / 4 = 60 is too small
@@ -150,8 +155,9 @@ def test_turbo_jpeg_path_matches_pil_and_falls_back_for_cmyk(tmp_path: Path) -> 
     # CMYK JPEGs are not for libjpeg-turbo's RGB output: PIL decodes them, still as RGB
     cmyk = tmp_path / "cmyk.jpg"
     Image.fromarray(pixels).convert("CMYK").save(cmyk, quality=90)
-    assert images._decode_jpeg_turbo(cmyk.read_bytes(), lambda w, h: 1) is None
+    turbo_decodes.clear()
     assert load_rgb(cmyk).shape == (240, 320, 3)
+    assert not turbo_decodes
 
 
 def test_region_decode_chooses_the_box_once_from_the_header(tmp_path: Path) -> None:
