@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from mobilenets.datasets.images import list_images, load_rgb
+from mobilenets.datasets.images import images_in_folder, list_images, load_rgb
 from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransform
 
 log = logging.getLogger(__name__)
@@ -391,13 +391,7 @@ class CelebADataModule(pl.LightningDataModule):
         except CelebANotFoundError as error:
             log.info("predicting on %s without the CelebA files (%s)", folder, error)
             self._predict_without_index = True
-        if not folder.is_dir():
-            raise CelebANotFoundError(
-                f"{folder}: predict_dir is not a folder (expected a folder of face images)"
-            )
-        paths = list_images(folder)
-        if not paths:
-            raise CelebANotFoundError(f"{folder}: predict_dir holds no images to predict on")
+        paths = images_in_folder(folder, "predict_dir", CelebANotFoundError)
         count = len(self.index.attributes) if self.index is not None else 0
         transform = attribute_transform(self.hparams.input_size, False, self.hparams.mean, self.hparams.std)
         self.datasets["predict"] = AttributeImages(paths, None, count, transform)

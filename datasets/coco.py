@@ -29,7 +29,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
-from mobilenets.datasets.images import list_images, load_rgb
+from mobilenets.datasets.images import images_in_folder, load_rgb
 from mobilenets.datasets.transforms import DetectionTransform
 
 log = logging.getLogger(__name__)
@@ -272,11 +272,7 @@ class ImageFolderForDetection(Dataset):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: prediction folder not found")
-        self.paths = list_images(self.root)
-        if not self.paths:
-            raise FileNotFoundError(f"{self.root}: no image files found")
+        self.paths = images_in_folder(self.root, "predict_dir")
 
     def __len__(self) -> int:
         return len(self.paths)

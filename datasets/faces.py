@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mobilenets.datasets.image_list import ImageListDataset
-from mobilenets.datasets.images import check_images, is_image_file, list_images, load_rgb
+from mobilenets.datasets.images import check_images, images_in_folder, is_image_file, list_images, load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
 
 log = logging.getLogger(__name__)
@@ -422,12 +422,7 @@ class FaceDataModule(pl.LightningDataModule):
             raise FaceDataError(
                 "predict needs predict_dir (data.init_args.predict_dir: a folder of face images)"
             )
-        folder = Path(hp.predict_dir)
-        if not folder.is_dir():
-            raise FaceDataError(f"{folder}: predict_dir is not a folder (expected a folder of face images)")
-        paths = list_images(folder)
-        if not paths:
-            raise FaceDataError(f"{folder}: predict_dir holds no images to embed")
+        paths = images_in_folder(hp.predict_dir, "predict_dir", FaceDataError)
         # the pair images' eval preprocessing (resize, centre crop): faces are embedded as they are evaluated
         transform = ClassificationTransform(hp.input_size, train=False)
         return ImageListDataset(paths, None, transform, skip_corrupt=hp.skip_corrupt)

@@ -14,7 +14,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mobilenets.datasets.images import Box, check_images, list_images, load_rgb, load_rgb_region
+from mobilenets.datasets.images import (
+    Box,
+    check_images,
+    images_in_folder,
+    load_rgb,
+    load_rgb_region,
+)
 from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransform
 
 log = logging.getLogger(__name__)
@@ -306,13 +312,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def predict_paths(self) -> list[Path]:
         if self.predict_dir:
-            folder = Path(self.predict_dir)
-            if not folder.is_dir():
-                raise DatasetLayoutError(f"{folder}: predict_dir is not a folder")
-            paths = list_images(folder)
-            if not paths:
-                raise DatasetLayoutError(f"{folder}: no images found to predict on")
-            return paths
+            return images_in_folder(self.predict_dir, "predict_dir", DatasetLayoutError)
         if self.predict_list:
             return read_path_list(Path(self.predict_list))
         if "test" in self.splits():

@@ -34,6 +34,18 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
     return sorted(p for p in Path(root).glob(pattern) if p.is_file() and is_image_file(p))
 
 
+def images_in_folder(folder: str | Path, what: str, error: type[Exception] = FileNotFoundError) -> list[Path]:
+    """The images under ``folder`` (recursive, sorted); ``error`` naming the folder and ``what`` it was
+    given as when it is not a folder or holds no images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise error(f"{folder}: {what} is not a folder (expected a folder of images)")
+    paths = list_images(folder)
+    if not paths:
+        raise error(f"{folder}: {what} holds no images")
+    return paths
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grayscale, CMYK, palette and alpha images as plain RGB (alpha composited on white)."""
     if image.mode == "RGB":

@@ -35,6 +35,7 @@ from torch import nn
 
 from mobilenets.backbone.inference import fold_batchnorm
 from mobilenets.datasets.atomic import atomic_path
+from mobilenets.datasets.images import images_in_folder
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -328,19 +329,6 @@ def preprocess_images(paths: Sequence[Path], metadata: dict[str, str]) -> np.nda
     return np.stack([transform(load_rgb(p, min_size=transform.decode_size)).numpy() for p in paths])
 
 
-def image_paths(root: str | Path, what: str) -> list[Path]:
-    """The images under a folder (sorted), with a clear error when there are none."""
-    from mobilenets.datasets.images import list_images
-
-    root = Path(root)
-    if not root.is_dir():
-        raise ExportError(f"{root}: {what} folder not found")
-    paths = list_images(root)
-    if not paths:
-        raise ExportError(f"{root}: no images found for {what}")
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------- int8
 @dataclass(frozen=True)
 class AgreementReport:
@@ -530,9 +518,11 @@ def main(argv: list[str]) -> int:
     try:
         task = BaseTask.load_task(args.ckpt_path)
         if args.int8:
-            calibration = image_paths(args.calibration, "calibration")[: args.max_calibration]
+            calibration = images_in_folder(args.calibration, "--calibration", ExportError)[
+                : args.max_calibration
+            ]
             if args.heldout is not None:
-                heldout = image_paths(args.heldout, "held-out")[: args.max_calibration]
+                heldout = images_in_folder(args.heldout, "--heldout", ExportError)[: args.max_calibration]
             else:
                 calibration, heldout = split_calibration(calibration)
             result = export_int8(task, args.out, calibration, heldout, args.min_agreement, args.tolerance)

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from mobilenets.datasets.atomic import write_csv_atomic
+from mobilenets.datasets.images import images_in_folder
 from mobilenets.tasks.export import (
     ExportError,
-    image_paths,
     onnx_metadata,
     ort_session,
     output_kind,
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     args = parser.parse_args(argv)
     try:
-        paths = image_paths(args.images, "prediction")
+        paths = images_in_folder(args.images, "--images", ExportError)
         outputs, metadata = onnx_predict(args.model, paths, args.batch_size, args.threads)
         rows = prediction_rows(paths, outputs, metadata, args.top_k)
     except (ExportError, OSError) as error:

@@ -18,7 +18,14 @@ from mobilenets.datasets.image_list import (
     ImageDataModule,
     ImageListDataset,
 )
-from mobilenets.datasets.images import CorruptImageError, check_images, load_rgb, load_rgb_region
+from mobilenets.datasets.images import (
+    CorruptImageError,
+    check_images,
+    images_in_folder,
+    list_images,
+    load_rgb,
+    load_rgb_region,
+)
 from mobilenets.datasets.synthetic import (
     make_image_folder,
     make_label_csv,
@@ -251,3 +258,13 @@ def test_predicting_needs_no_training_data_on_disk(tmp_path: Path) -> None:
     )
     module.setup("predict")
     assert len(module.predict_dataloader().dataset) == 3
+
+
+def test_images_in_folder_names_the_folder_and_what_it_was_given_as(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match=r"nowhere: --images is not a folder"):
+        images_in_folder(tmp_path / "nowhere", "--images", DatasetLayoutError)
+    with pytest.raises(FileNotFoundError, match=r"empty: predict_dir holds no images"):
+        images_in_folder(tmp_path / "empty", "predict_dir")
+    make_image_folder(tmp_path / "photos", NAMES, per_class=1)
+    assert images_in_folder(tmp_path / "photos", "predict_dir") == list_images(tmp_path / "photos")
