@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from predict_runs import CONFIGS, run_predict
 from torch import nn
 
 from mobilenets.datasets.images import list_images
@@ -31,7 +32,6 @@ from mobilenets.tasks.onnx_predict import onnx_predict, prediction_rows
 # tiny models run fastest on one thread (two contend badly on a shared 2-core runner)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZE = 32
 CLASSES = ["a", "b", "c"]
 
@@ -81,24 +81,21 @@ def classifier_files(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def classify(folder: Path, model: Path, out: Path, run: Path) -> list[dict[str, str]]:
     """``mobilenets predict`` with the shipped folder config at α 0.25 / 32 px; its ImageNet ``weights`` point
     to a missing file, so a run that tried to load them would fail."""
-    argv = [
-        "predict",
-        "--config", str(CONFIGS / "folder_finetune.yaml"),
-        "--model.init_args.width_mult", "0.25",
-        "--model.init_args.input_size", str(SIZE),
-        "--model.init_args.weights", str(run / "missing_imagenet.safetensors"),
-        "--model.init_args.predictions_file", str(out),
-        "--data.init_args.root", str(folder),
-        "--data.init_args.input_size", str(SIZE),
-        "--data.init_args.batch_size", "5",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.predict_dir", str(folder),
-        "--trainer.default_root_dir", str(run),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-        "--ckpt_path", str(model),
-    ]  # fmt: skip
-    assert main(argv) == 0
+    run_predict(
+        "folder_finetune.yaml",
+        model,
+        run,
+        {
+            "model.init_args.width_mult": 0.25,
+            "model.init_args.input_size": SIZE,
+            "model.init_args.weights": run / "missing_imagenet.safetensors",
+            "model.init_args.predictions_file": out,
+            "data.init_args.root": folder,
+            "data.init_args.input_size": SIZE,
+            "data.init_args.batch_size": 5,
+            "data.init_args.predict_dir": folder,
+        },
+    )
     return read_rows(out)
 
 

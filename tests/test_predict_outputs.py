@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from predict_runs import run_predict
 from test_predict_onnx import read_rows, save_checkpoint
 
 from mobilenets.datasets.faces import FaceDataError, FaceDataModule
@@ -23,7 +24,6 @@ from mobilenets.tasks.prediction_files import PRESENT_COLUMN, predict_output_pat
 # tiny models run fastest on one thread (two contend badly on a shared 2-core runner)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZE = 32
 NAMES = ["w", "x", "y", "z"]
 
@@ -58,24 +58,17 @@ def attribute_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Attribute
 
 def predict_attributes(faces: Path, model: Path, run: Path, out: Path | None) -> None:
     """The shipped student config at α 0.25 / 32 px on a folder, with no CelebA files under data.root."""
-    argv = [
-        "predict",
-        "--config", str(CONFIGS / "attributes_distill_0.25_128.yaml"),
-        "--model.init_args.num_attributes", "4",
-        "--model.init_args.input_size", str(SIZE),
-        "--data.init_args.root", str(run / "no_celeba_here"),
-        "--data.init_args.predict_dir", str(faces),
-        "--data.init_args.input_size", str(SIZE),
-        "--data.init_args.batch_size", "3",
-        "--data.init_args.num_workers", "0",
-        "--trainer.default_root_dir", str(run),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-        "--ckpt_path", str(model),
-    ]  # fmt: skip
+    options: dict[str, object] = {
+        "model.init_args.num_attributes": 4,
+        "model.init_args.input_size": SIZE,
+        "data.init_args.root": run / "no_celeba_here",
+        "data.init_args.predict_dir": faces,
+        "data.init_args.input_size": SIZE,
+        "data.init_args.batch_size": 3,
+    }
     if out is not None:
-        argv[-2:-2] = ["--model.init_args.predictions_file", str(out)]
-    assert main(argv) == 0
+        options["model.init_args.predictions_file"] = out
+    run_predict("attributes_distill_0.25_128.yaml", model, run, options)
 
 
 def test_attribute_predict_writes_probabilities_and_present_attributes(
@@ -141,24 +134,17 @@ def embedder_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[FaceEmbedd
 
 def predict_embeddings(faces: Path, model: Path, run: Path, out: Path | None) -> None:
     """The shipped triplet config at α 0.25 / 32 px: its training folder and pairs do not exist here."""
-    argv = [
-        "predict",
-        "--config", str(CONFIGS / "faces_triplet.yaml"),
-        "--model.init_args.width_mult", "0.25",
-        "--model.init_args.input_size", str(SIZE),
-        "--model.init_args.embedding_size", "8",
-        "--data.init_args.predict_dir", str(faces),
-        "--data.init_args.input_size", str(SIZE),
-        "--data.init_args.batch_size", "3",
-        "--data.init_args.num_workers", "0",
-        "--trainer.default_root_dir", str(run),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-        "--ckpt_path", str(model),
-    ]  # fmt: skip
+    options: dict[str, object] = {
+        "model.init_args.width_mult": 0.25,
+        "model.init_args.input_size": SIZE,
+        "model.init_args.embedding_size": 8,
+        "data.init_args.predict_dir": faces,
+        "data.init_args.input_size": SIZE,
+        "data.init_args.batch_size": 3,
+    }
     if out is not None:
-        argv[-2:-2] = ["--model.init_args.embeddings_file", str(out)]
-    assert main(argv) == 0
+        options["model.init_args.embeddings_file"] = out
+    run_predict("faces_triplet.yaml", model, run, options)
 
 
 def test_embedding_predict_writes_unit_embeddings_as_csv_and_npy(
