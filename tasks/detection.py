@@ -633,6 +633,7 @@ class SSDDetection(DetectionTask):
     def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
         """The export's anchors and classes must be this config's; its categories and post-processing
         settings are adopted (as ``--ckpt_path`` adopts a checkpoint's)."""
+        from mobilenets.tasks.export import parse_name_list
         from mobilenets.tasks.onnx_network import ExportMismatchError
 
         hp = self.hparams
@@ -665,7 +666,7 @@ class SSDDetection(DetectionTask):
             raise ExportMismatchError(f"{path}: post-processing metadata is not numeric ({error})") from error
         hp.update(settings)
         if metadata.get("class_names"):
-            hp.class_names = [name.strip() for name in metadata["class_names"].split(",")]
+            hp.class_names = parse_name_list(metadata["class_names"])
         if metadata.get("category_ids"):
             try:
                 hp.category_ids = [int(v) for v in metadata["category_ids"].split(",")]
