@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -82,6 +82,23 @@ class SpeedRow:
     vs_peer: float | None = None
 
 
+def speed_row(
+    model: str,
+    runtime: str,
+    b1_times: Sequence[float] | None,
+    b32_times: Sequence[float] | None,
+    note: str = "",
+) -> SpeedRow:
+    """Median throughput at batch 1 and 32 and p50/p90 latency at batch 1 from call times (s)."""
+    b1 = p50 = p90 = b32 = None
+    if b1_times:
+        p50, p90 = (float(np.percentile(b1_times, q)) * 1e3 for q in (50, 90))
+        b1 = 1e3 / p50
+    if b32_times:
+        b32 = 32 / statistics.median(b32_times)
+    return SpeedRow(model, runtime, b1, p50, p90, b32, note)
+
+
 def measure(
     model: str,
     runtime: str,
@@ -92,14 +109,9 @@ def measure(
     note: str = "",
 ) -> SpeedRow:
     """Median throughput at batch 1 and 32 and p50/p90 latency at batch 1."""
-    b1 = p50 = p90 = b32 = None
-    if run_b1 is not None:
-        times = np.array(time_calls(run_b1, repeats_b1, warmup=5))
-        p50, p90 = float(np.percentile(times, 50)) * 1e3, float(np.percentile(times, 90)) * 1e3
-        b1 = 1e3 / p50
-    if run_b32 is not None:
-        b32 = 32 / statistics.median(time_calls(run_b32, repeats_b32, warmup=1, budget_s=60.0))
-    return SpeedRow(model, runtime, b1, p50, p90, b32, note)
+    b1_times = time_calls(run_b1, repeats_b1, warmup=5) if run_b1 is not None else None
+    b32_times = time_calls(run_b32, repeats_b32, warmup=1, budget_s=60.0) if run_b32 is not None else None
+    return speed_row(model, runtime, b1_times, b32_times, note)
 
 
 def measure_against_peer(
@@ -119,15 +131,8 @@ def measure_against_peer(
         for i, (_, run_b1, run_b32) in enumerate(runs):
             b1_times[i] += time_calls(run_b1, max(repeats_b1 // rounds, 1), warmup=2)
             b32_times[i] += time_calls(run_b32, max(repeats_b32 // rounds, 1), warmup=1, budget_s=60.0)
-    rows = []
-    for i, (runtime, _, _) in enumerate(runs):
-        times = np.array(b1_times[i])
-        p50, p90 = float(np.percentile(times, 50)) * 1e3, float(np.percentile(times, 90)) * 1e3
-        b32 = 32 / statistics.median(b32_times[i])
-        rows.append(SpeedRow(model, runtime, 1e3 / p50, p50, p90, b32))
-    ours_row, peer_row = rows
-    ratio = ours_row.images_per_s_b1 / peer_row.images_per_s_b1  # type: ignore[operator]
-    return replace(ours_row, vs_peer=ratio), peer_row
+    ours_row, peer_row = (speed_row(model, run[0], b1_times[i], b32_times[i]) for i, run in enumerate(runs))
+    return replace(ours_row, vs_peer=_ratio(ours_row.images_per_s_b1, peer_row.images_per_s_b1)), peer_row
 
 
 # ---------------------------------------------------------------------------------------------- models
