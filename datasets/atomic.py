@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,8 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``path``: it replaces ``path`` when the block succeeds, and is removed when
-    it fails, so readers only ever see the old file or the complete new one."""
+    it fails, so readers only ever see the old file or the complete new one. A replaced file keeps its
+    permissions; a new one gets the umask's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -30,7 +32,11 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     temp = Path(name)
     try:
         yield temp
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()  # mkstemp creates 0600; results are meant to be shared
+        os.chmod(temp, mode)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
@@ -38,7 +44,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as temp:
-        temp.write_text(text, newline="")
+        temp.write_text(text, encoding="utf-8", newline="")
 
 
 def write_json_atomic(path: str | Path, payload: Any, **dumps_options: Any) -> None:

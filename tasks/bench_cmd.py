@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import os
 import platform
-import stat
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from torch import nn
 
 from mobilenets.backbone.inference import InferenceModel, inference_model, recalibrate_batchnorm
 from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.datasets.atomic import write_text_atomic
 
 BENCH_START = "<!-- bench:start -->"
 BENCH_END = "<!-- bench:end -->"
@@ -430,14 +430,7 @@ def update_readme(readme: Path, body: str) -> None:
     if start < 0 or end < 0 or end < start:
         raise BenchError(f"{readme}: expected the markers {BENCH_START} ... {BENCH_END} (in that order)")
     updated = text[: start + len(BENCH_START)] + "\n" + body.strip() + "\n" + text[end:]
-    fd, tmp = tempfile.mkstemp(prefix=f".{readme.name}.", suffix=".tmp", dir=readme.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(updated)
-        os.chmod(tmp, stat.S_IMODE(readme.stat().st_mode))  # keep the README's permissions
-        os.replace(tmp, readme)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_text_atomic(readme, updated)
 
 
 def speed_report(
