@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mobilenets.backbone.inference import inference_model, recalibrate_batchnorm
-from mobilenets.tasks.bench_cmd import copy_timm_into_ours, our_model, timm_peer
+from mobilenets.tasks.deploy.speed import copy_timm_into_ours, our_model, timm_peer
 
 
 def inference_runner(model: nn.Module, batch: int, channels_last: bool) -> Callable[[], float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mobilenets.tasks.bench_cmd import main as bench_main
+from mobilenets.tasks.cli.bench import main as bench_main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TARGETS = "targets for 1.0 MobileNet-224: ONNX fp32 ≥ 130 img/s b1, int8 ≥ 300 img/s b1, agreement ≥ 0.99"

@@ -31,7 +31,7 @@ def time_eval(num_images: int, dets: int, repeats: int) -> None:
     from pycocotools.cocoeval import COCOeval
 
     from mobilenets.datasets.synthetic_detection import make_eval_set
-    from mobilenets.tasks.detection_eval import evaluate_detections
+    from mobilenets.tasks.detection.coco_eval import evaluate_detections
 
     print(f"generating {num_images} images x {dets} detections ...", flush=True)
     ground_truth, results = make_eval_set(num_images, dets)

@@ -3,7 +3,7 @@
 Data: ``--n`` unit vectors of 128 dimensions clustered as identities (``--per-identity`` faces each around
 a random identity centre, ``--spread`` setting how loose a person's cluster is), and ``--queries`` new
 photos of random gallery identities, searched as one batch. For exact search (IndexFlatIP) and each index
-type built by ``mobilenets.tasks.face_index`` with its default parameters for this gallery size, the table
+type built by ``mobilenets.tasks.faces.index`` with its default parameters for this gallery size, the table
 prints build time (train + add), memory per vector (serialised index size / n), recall@1 against exact
 search (same top-1 face), queries/s and the ratio to exact's queries/s. Exact search and the index are timed
 alternately (exact, index, exact, index, ... for ``--rounds``) and each row compares the two medians, since a
@@ -27,7 +27,7 @@ import time
 import faiss
 import numpy as np
 
-from mobilenets.tasks.face_index import (
+from mobilenets.tasks.faces.index import (
     INDEX_KINDS,
     RERANK_KIND,
     RerankedIVFIndex,

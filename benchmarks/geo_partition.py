@@ -23,7 +23,7 @@ import s2sphere
 
 from mobilenets.datasets.geotags import read_geotags
 from mobilenets.datasets.s2cells import build_partition, leaf_cell_ids
-from mobilenets.tasks.geo_cli import partition_main
+from mobilenets.tasks.cli.geo import partition_main
 
 
 def photo_coordinates(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,8 @@ from torchmetrics import MetricCollection
 
 from mobilenets.backbone.mobilenet import Activation, MobileNetV1, Padding
 from mobilenets.backbone.profile import Profile, profile_model
+from mobilenets.backbone.weights import load_pretrained
+from mobilenets.tasks.deploy.onnx_network import OnnxNetwork, check_export_metadata
 
 Stage = Literal["train", "val", "test"]
 OptimizerName = Literal["rmsprop", "sgd", "adamw"]
@@ -56,6 +58,12 @@ class CheckpointError(ValueError):
 
 
 TASK_CLASS_KEY = "mobilenets_task"
+#: Task classes whose module moved: checkpoints written before the move name the old path.
+MOVED_TASK_CLASSES = {
+    "mobilenets.tasks.embedding.FaceEmbedder": "mobilenets.tasks.faces.embedding.FaceEmbedder",
+    "mobilenets.tasks.detection.SSDDetection": "mobilenets.tasks.detection.ssd.SSDDetection",
+    "mobilenets.tasks.detection.FasterRCNNDetection": "mobilenets.tasks.detection.faster_rcnn.FasterRCNNDetection",
+}
 
 
 def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
@@ -184,8 +192,6 @@ class BaseTask(pl.LightningModule):
         options.update(overrides)
         backbone = MobileNetV1(**options)
         if hp.weights:
-            from mobilenets.backbone.weights import load_pretrained
-
             load_pretrained(backbone, Path(hp.weights))
         return backbone
 
@@ -228,6 +234,7 @@ class BaseTask(pl.LightningModule):
             raise CheckpointError(
                 f"{path}: not a checkpoint of a mobilenets task (no '{TASK_CLASS_KEY}' entry)"
             )
+        class_path = MOVED_TASK_CLASSES.get(class_path, class_path)
         module_name, _, class_name = class_path.rpartition(".")
         task_cls = getattr(importlib.import_module(module_name), class_name)
         hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
@@ -269,7 +276,6 @@ class BaseTask(pl.LightningModule):
         (``adopt_export``: class names, attribute names, ...) and ``predict_network`` runs ONNX Runtime.
         Returns the metadata.
         """
-        from mobilenets.tasks.onnx_network import OnnxNetwork, check_export_metadata
 
         network = OnnxNetwork(path)
         mean, std = self.normalization

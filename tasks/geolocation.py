@@ -19,8 +19,9 @@ from torchmetrics.utilities import dim_zero_cat
 
 from mobilenets.backbone.profile import count_mult_adds, count_parameters
 from mobilenets.datasets.atomic import write_text_atomic
-from mobilenets.datasets.s2cells import Partition, PartitionError, cell_token
+from mobilenets.datasets.s2cells import Partition, PartitionError, cell_token, token_to_cell_id
 from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -428,8 +429,6 @@ class GeoClassifier(BaseTask):
     def adopt_export(self, path: Path, metadata: dict[str, str], network: torch.nn.Module) -> None:
         """The export's cell table (metadata ``cells``) must be this task's; a task built from ``num_cells``
         alone, without a partition file, takes its cells from the export."""
-        from mobilenets.datasets.s2cells import token_to_cell_id
-        from mobilenets.tasks.onnx_network import ExportMismatchError
 
         if "cells" not in metadata:
             raise ExportMismatchError(f"{path}: metadata key 'cells' is missing (the export's cell table)")

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mobilenets.tasks.base import BaseTask, CheckpointError
+
 log = logging.getLogger(__name__)
 
 TORCHSCRIPT_SUFFIXES = frozenset({".pt", ".ts", ".torchscript", ".jit"})
@@ -167,7 +169,6 @@ class Teacher:
 
     @classmethod
     def _load_checkpoint(cls, path: Path, checksum: str) -> Teacher:
-        from mobilenets.tasks.base import BaseTask, CheckpointError
 
         try:
             task = BaseTask.load_task(path)

@@ -1,0 +1,75 @@
+"""``mobilenets demo``: generate small datasets in the real formats and run each task end to end.
+
+Each task contributes one step: a function ``run_demo(root: Path, quick: bool) -> list[DemoRow]`` in its
+module, registered in ``DEMO_STEPS``. Steps run in order; the summary table lists every row they return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+import traceback
+from pathlib import Path
+
+from mobilenets.tasks.cli.demo.rows import DemoRow
+
+#: step name → module with ``run_demo``; the order is the order they run in.
+DEMO_STEPS: dict[str, str] = {
+    "profile": "mobilenets.tasks.cli.demo.profile",
+    "classification": "mobilenets.tasks.cli.demo.classification",
+    "detection": "mobilenets.tasks.cli.demo.detection",
+    "attributes": "mobilenets.tasks.cli.demo.attributes",
+    "geolocation": "mobilenets.tasks.cli.demo.geolocation",
+    "faces": "mobilenets.tasks.cli.demo.faces",
+}
+
+
+def format_summary(rows: list[DemoRow]) -> str:
+    widths = (
+        [max(len(getattr(r, f)) for r in rows) for f in ("task", "metric", "value")] if rows else [4, 6, 5]
+    )
+    widths = [max(w, len(h)) for w, h in zip(widths, ("task", "metric", "ours"))]
+    header = f"{'task':<{widths[0]}}  {'metric':<{widths[1]}}  {'ours':<{widths[2]}}  paper"
+    lines = [header, "-" * (len(header) + 12)]
+    lines += [
+        f"{r.task:<{widths[0]}}  {r.metric:<{widths[1]}}  {r.value:<{widths[2]}}  {r.paper}" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mobilenets demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, runs and plots")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated steps to run (default all: {','.join(DEMO_STEPS)})"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer images and epochs (what the tests use)")
+    args = parser.parse_args(argv)
+    wanted = [s for s in args.only.split(",") if s] or list(DEMO_STEPS)
+    unknown = [s for s in wanted if s not in DEMO_STEPS]
+    if unknown:
+        parser.error(f"unknown demo steps {unknown}; choose from {list(DEMO_STEPS)}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[DemoRow] = []
+    failed: list[str] = []
+    for step in wanted:
+        print(f"\n=== demo step: {step} ===", flush=True)
+        start = time.perf_counter()
+        try:
+            module = importlib.import_module(DEMO_STEPS[step])
+            rows += module.run_demo(args.out / step, args.quick)
+        except Exception:
+            traceback.print_exc()
+            failed.append(step)
+            rows.append(DemoRow(step, "FAILED", "see the traceback above"))
+        rows.append(DemoRow(step, "time", f"{time.perf_counter() - start:.0f} s"))
+    print("\n=== mobilenets demo summary ===")
+    print(format_summary(rows))
+    print(f"\noutputs under {args.out.resolve()}")
+    if failed:
+        print(f"failed steps: {', '.join(failed)}")
+        return 1
+    return 0

@@ -1,0 +1,76 @@
+"""``mobilenets export``: a task checkpoint to ONNX or TorchScript (batch norm folded, verified against
+PyTorch); ``--int8`` adds static int8 quantisation with an agreement check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mobilenets.datasets.images import images_in_folder
+from mobilenets.tasks.base import BaseTask, CheckpointError
+from mobilenets.tasks.deploy.export import (
+    DEFAULT_TOLERANCE,
+    ExportError,
+    export_int8,
+    export_onnx,
+    export_torchscript,
+    split_calibration,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mobilenets export",
+        description="Export a task checkpoint (batch norm folded, dynamic batch, verified against PyTorch) "
+        "to ONNX or TorchScript; --int8 adds onnxruntime static quantisation with an agreement check.",
+    )
+    parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", type=Path, required=True)
+    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--out", type=Path, required=True, help="output file (.onnx or .pt)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="max |exported − PyTorch| relative to max(1, max |output|) (default %(default)g)",
+    )
+    parser.add_argument("--int8", action="store_true", help="static int8 quantisation (ONNX only)")
+    parser.add_argument("--calibration", type=Path, help="folder of calibration images (--int8)")
+    parser.add_argument(
+        "--heldout",
+        type=Path,
+        help="folder of held-out images for the agreement check (default: every "
+        "5th calibration image, then not used for calibration)",
+    )
+    parser.add_argument("--min-agreement", type=float, default=0.99, help="refuse int8 below this agreement")
+    parser.add_argument("--max-calibration", type=int, default=256, help="use at most this many images")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.int8 and args.format != "onnx":
+        parser.error("--int8 needs --format onnx")
+    if args.int8 and args.calibration is None:
+        parser.error("--int8 needs --calibration DIR")
+    try:
+        task = BaseTask.load_task(args.ckpt_path)
+        if args.int8:
+            calibration = images_in_folder(args.calibration, "--calibration", ExportError)[
+                : args.max_calibration
+            ]
+            if args.heldout is not None:
+                heldout = images_in_folder(args.heldout, "--heldout", ExportError)[: args.max_calibration]
+            else:
+                calibration, heldout = split_calibration(calibration)
+            result = export_int8(task, args.out, calibration, heldout, args.min_agreement, args.tolerance)
+        elif args.format == "onnx":
+            result = export_onnx(task, args.out, args.tolerance)
+        else:
+            result = export_torchscript(task, args.out, args.tolerance)
+    except (ExportError, CheckpointError) as error:
+        print(f"mobilenets export: error: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0

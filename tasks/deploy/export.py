@@ -1,0 +1,474 @@
+"""``mobilenets export``: any task checkpoint to ONNX or TorchScript, verified, optionally int8-quantized.
+
+Export goes through the task contract of ``tasks/base.py`` only, never through task-specific code:
+
+- ``BaseTask.load_task(ckpt)`` rebuilds the task from its checkpoint;
+- ``task.export_module()`` is the network to export (an image batch in, one tensor or a tuple of tensors out);
+- ``task.export_metadata()`` is the ``dict[str, str]`` written as ONNX metadata properties (and as a JSON
+  extra file in TorchScript archives). Keys read here besides the base ones (task, input_size, mean, std):
+
+  - ``output_kind``: ``logits`` (default; top-1 agreement), ``multilabel_logits`` (mean |Δ| of sigmoid
+    probabilities), ``embedding`` (cosine), ``detection`` (cosine of the raw head outputs);
+  - ``output_names``: comma-separated names of the module's outputs (default ``output`` / ``output0,...``);
+  - ``class_names`` / ``attribute_names``: JSON list (or comma-separated) used by ``onnx-predict``.
+
+Every export folds batch norm into the convolutions, has a dynamic batch axis, is verified against the
+PyTorch model (max abs difference printed) and is written atomically: a failed verification leaves no file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilenets.backbone.inference import fold_batchnorm
+from mobilenets.datasets.atomic import atomic_path
+from mobilenets.datasets.images import load_rgb
+from mobilenets.datasets.transforms import ClassificationTransform
+
+ExportFormat = Literal["onnx", "torchscript"]
+OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
+OUTPUT_KINDS: tuple[str, ...] = ("logits", "multilabel_logits", "embedding", "detection")
+INPUT_NAME = "input"
+#: ONNX opset of the exports (ONNX Runtime >= 1.12 runs it; the int8 QDQ path needs >= 13).
+OPSET = 17
+#: Maximum allowed |exported − PyTorch| relative to max(1, max |PyTorch output|).
+DEFAULT_TOLERANCE = 1e-4
+#: Name of the JSON metadata file inside TorchScript archives.
+TORCHSCRIPT_METADATA_FILE = "mobilenets_metadata.json"
+#: Seed of the random sample inputs used for verification (reproducible reports).
+VERIFY_SEED = 1234
+
+
+class ExportError(RuntimeError):
+    """An export that failed or could not be verified; nothing was written."""
+
+
+class AgreementError(ExportError):
+    """An int8 model whose agreement with the float model is below the requested floor."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _as_tensor_list(outputs: Any, where: str) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, list | tuple) and all(isinstance(t, torch.Tensor) for t in outputs):
+        return list(outputs)
+    raise ExportError(
+        f"{where}: export_module() must return a tensor or a tuple of tensors, got {type(outputs).__name__}"
+    )
+
+
+#: Metadata keys that imply an output kind when a task does not set ``output_kind`` itself.
+KIND_HINTS: tuple[tuple[str, str], ...] = (
+    ("attribute_names", "multilabel_logits"),
+    ("attributes", "multilabel_logits"),
+    ("embedding_size", "embedding"),
+    ("num_anchors", "detection"),
+)
+
+
+def output_kind(metadata: dict[str, str]) -> str:
+    """The ``output_kind`` metadata key, else implied by a well-known key (``attributes`` → multi-label,
+    ``embedding_size`` → embedding, ``num_anchors`` → detection), else ``logits``; checked."""
+    implied = next((kind for key, kind in KIND_HINTS if key in metadata), "logits")
+    kind = metadata.get("output_kind", implied)
+    if kind not in OUTPUT_KINDS:
+        raise ExportError(f"export_metadata: output_kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    return kind
+
+
+def output_names(metadata: dict[str, str], count: int) -> list[str]:
+    """Names of the exported outputs: the ``output_names`` metadata key, or output / output0..N."""
+    if metadata.get("output_names"):
+        names = [name.strip() for name in metadata["output_names"].split(",")]
+        if len(names) != count:
+            raise ExportError(
+                f"export_metadata: output_names lists {len(names)} names but the module returns {count} outputs"
+            )
+        return names
+    return ["output"] if count == 1 else [f"output{i}" for i in range(count)]
+
+
+def parse_name_list(value: str | None) -> list[str]:
+    """A metadata list: a JSON list of strings, or comma-separated names."""
+    if not value:
+        return []
+    if value.lstrip().startswith("["):
+        return [str(v) for v in json.loads(value)]
+    return [v.strip() for v in value.split(",")]
+
+
+def parse_floats(value: str, key: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError as error:
+        raise ExportError(f"metadata key {key!r}: expected comma-separated numbers, got {value!r}") from error
+
+
+def sample_inputs(input_size: int, batch_size: int, seed: int = VERIFY_SEED) -> torch.Tensor:
+    """Reproducible random normalised images (roughly the range of mean/std-normalised pixels)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, input_size, input_size, generator=generator).clamp_(-2.5, 2.5)
+
+
+def max_relative_difference(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray]) -> float:
+    """max |exported − reference| / max(1, max |reference|), over all outputs."""
+    worst = 0.0
+    for ref, got in zip(reference, exported):
+        if ref.shape != got.shape:
+            return float("inf")
+        scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+        worst = max(worst, float(np.abs(ref - got).max(initial=0.0)) / scale)
+    return worst
+
+
+def max_abs_difference(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray]) -> float:
+    return max(
+        float(np.abs(r - g).max(initial=0.0)) if r.shape == g.shape else float("inf")
+        for r, g in zip(reference, exported)
+    )
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and how well it matched PyTorch."""
+
+    path: Path
+    format: str
+    max_abs_diff: float
+    max_rel_diff: float
+    metadata: dict[str, str]
+    agreement: AgreementReport | None = None
+
+    def summary(self) -> str:
+        text = (
+            f"{self.path}: {self.format}, batch norm folded, dynamic batch; "
+            f"max abs difference vs PyTorch {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g})"
+        )
+        if self.agreement is not None:
+            text += f" (the float graph, before quantisation)\n{self.agreement.summary()}"
+        return text
+
+
+def prepare_module(task: nn.Module) -> tuple[nn.Module, nn.Module, dict[str, str]]:
+    """(reference module in eval mode, its batch-norm-folded copy, metadata) of a task."""
+    task.eval()
+    module = task.export_module() if hasattr(task, "export_module") else task
+    module.eval()
+    metadata = dict(task.export_metadata()) if hasattr(task, "export_metadata") else {}
+    output_kind(metadata)
+    folded = fold_batchnorm(module)
+    folded.requires_grad_(False)
+    return module, folded, metadata
+
+
+def _reference_outputs(module: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [t.detach().cpu().numpy() for t in _as_tensor_list(module(x), "reference")]
+
+
+def _check(reference: list[np.ndarray], exported: list[np.ndarray], tolerance: float, what: str) -> tuple:
+    abs_diff = max_abs_difference(reference, exported)
+    rel_diff = max_relative_difference(reference, exported)
+    if not (rel_diff <= tolerance):  # also catches NaN
+        raise ExportError(
+            f"{what}: exported model differs from PyTorch by {abs_diff:.3g} (relative {rel_diff:.3g}), "
+            f"above the tolerance {tolerance:g}; nothing written"
+        )
+    return abs_diff, rel_diff
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with all graph optimisations (and ``threads`` intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
+    array = x.numpy() if isinstance(x, torch.Tensor) else x
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(array, dtype=np.float32)})
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata properties of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata)
+    onnx.save(model, str(path))
+
+
+def _torch_onnx_export(folded: nn.Module, example: torch.Tensor, path: Path, names: list[str]) -> None:
+    dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of dynamo but is the fast, reliable path
+        # for a plain CNN; the backbone's input-size check is a trace-time constant (the size is fixed).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            folded,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def export_onnx(task: nn.Module, out: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
+    """Export ``task.export_module()`` (batch norm folded, dynamic batch) to ONNX with its metadata, verified
+    with ONNX Runtime at batch 1 and 3 against the PyTorch model; nothing is written if it does not match."""
+    out = Path(out)
+    module, folded, metadata = prepare_module(task)
+    input_size = int(metadata.get("input_size", 224))
+    example = sample_inputs(input_size, 2, seed=VERIFY_SEED + 1)
+    count = len(_reference_outputs(module, example[:1]))
+    names = output_names(metadata, count)
+    metadata = {**metadata, "format": "onnx", "input_name": INPUT_NAME, "output_names": ",".join(names)}
+    metadata.update(batchnorm_folded="true", layout="NCHW", opset=str(OPSET))
+    with atomic_path(out) as tmp:
+        _torch_onnx_export(folded, example, tmp, names)
+        set_onnx_metadata(tmp, metadata)
+        session = ort_session(tmp)
+        diffs = []
+        for batch in (1, 3):  # different from the traced batch of 2: proves the batch axis is dynamic
+            x = sample_inputs(input_size, batch)
+            diffs.append(_check(_reference_outputs(module, x), run_onnx(session, x), tolerance, str(out)))
+    return ExportResult(out, "onnx", max(d[0] for d in diffs), max(d[1] for d in diffs), metadata)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript
+def export_torchscript(
+    task: nn.Module, out: str | Path, tolerance: float = DEFAULT_TOLERANCE
+) -> ExportResult:
+    """Trace ``task.export_module()`` (batch norm folded) to a TorchScript archive with the metadata as the
+    extra file ``mobilenets_metadata.json``, verified at batch 1 and 3; nothing is written on mismatch."""
+    out = Path(out)
+    module, folded, metadata = prepare_module(task)
+    input_size = int(metadata.get("input_size", 224))
+    metadata = {**metadata, "format": "torchscript", "batchnorm_folded": "true", "layout": "NCHW"}
+    example = sample_inputs(input_size, 2, seed=VERIFY_SEED + 1)
+    with warnings.catch_warnings(), _lightning_scripting(folded):
+        warnings.simplefilter("ignore")  # deprecation of torch.jit and trace-time constant warnings
+        traced = torch.jit.trace(folded, example, check_trace=False)
+        with atomic_path(out) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
+            loaded = torch.jit.load(str(tmp), map_location="cpu")
+            diffs = []
+            for batch in (1, 3):
+                x = sample_inputs(input_size, batch)
+                with torch.no_grad():
+                    got = [t.numpy() for t in _as_tensor_list(loaded(x), "torchscript")]
+                diffs.append(_check(_reference_outputs(module, x), got, tolerance, str(out)))
+    return ExportResult(out, "torchscript", max(d[0] for d in diffs), max(d[1] for d in diffs), metadata)
+
+
+@contextlib.contextmanager
+def _lightning_scripting(module: nn.Module) -> Iterator[None]:
+    """Mark LightningModules as being scripted (what ``LightningModule.to_torchscript`` does) so that tracing
+    them does not touch properties that need a Trainer."""
+    flagged = [m for m in module.modules() if hasattr(m, "_jit_is_scripting")]
+    for m in flagged:
+        m._jit_is_scripting = True
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m._jit_is_scripting = False
+
+
+def torchscript_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata stored in a TorchScript archive written by ``export_torchscript``."""
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[TORCHSCRIPT_METADATA_FILE] or "{}")
+
+
+# ---------------------------------------------------------------------------------------------- images
+def preprocess_images(paths: Sequence[Path], metadata: dict[str, str]) -> np.ndarray:
+    """Images as the model's eval transform prepares them: an (N, 3, S, S) float32 batch."""
+
+    size = int(metadata.get("input_size", 224))
+    mean = parse_floats(metadata.get("mean", "0.5,0.5,0.5"), "mean")
+    std = parse_floats(metadata.get("std", "0.5,0.5,0.5"), "std")
+    transform = ClassificationTransform(size, train=False, mean=mean, std=std)
+    if not paths:
+        return np.zeros((0, 3, size, size), np.float32)
+    return np.stack([transform(load_rgb(p, min_size=transform.decode_size)).numpy() for p in paths])
+
+
+# ---------------------------------------------------------------------------------------------- int8
+@dataclass(frozen=True)
+class AgreementReport:
+    """How closely the int8 model follows the float model on held-out images."""
+
+    kind: str
+    measure: str
+    value: float
+    images: int
+    detail: str = ""
+
+    def summary(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"int8 vs float on {self.images} held-out images: {self.measure} = {self.value:.4f}{extra}"
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(denominator, 1e-12)
+
+
+def agreement(kind: str, reference: list[np.ndarray], quantized: list[np.ndarray]) -> AgreementReport:
+    """Compare float and int8 outputs the way the output kind calls for; ``value`` is higher-is-better
+    and in [0, 1] except for cosines (in [-1, 1])."""
+    n = len(reference[0])
+    if kind == "logits":
+        same = reference[0].argmax(1) == quantized[0].argmax(1)
+        return AgreementReport(kind, "top-1 agreement", float(same.mean()), n)
+    if kind == "multilabel_logits":
+        delta = float(np.abs(_sigmoid(reference[0]) - _sigmoid(quantized[0])).mean())
+        return AgreementReport(kind, "1 − mean |Δ probability|", 1.0 - delta, n, f"mean |Δ| = {delta:.4f}")
+    if kind == "embedding":
+        cosine = _cosine_rows(reference[0], quantized[0])
+        return AgreementReport(kind, "mean cosine", float(cosine.mean()), n, f"min {cosine.min():.4f}")
+    cosines = [float(_cosine_rows(r, q).mean()) for r, q in zip(reference, quantized)]
+    return AgreementReport(kind, "mean cosine of raw outputs", min(cosines), n)
+
+
+class ImageCalibrationReader:
+    """onnxruntime ``CalibrationDataReader`` over preprocessed images, a few at a time."""
+
+    def __init__(self, batch: np.ndarray, input_name: str = INPUT_NAME, batch_size: int = 8) -> None:
+        self.batches = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
+        self.input_name = input_name
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return {self.input_name: self.batches[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_onnx(
+    float_path: str | Path,
+    out: str | Path,
+    calibration: np.ndarray,
+    heldout: np.ndarray,
+    min_agreement: float = 0.99,
+) -> AgreementReport:
+    """Static int8 quantisation (QDQ, per-channel 7-bit weights, min-max calibration) of a float ONNX export;
+    writes ``out`` only if the agreement with the float model on ``heldout`` reaches ``min_agreement``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path, out = Path(float_path), Path(out)
+    if len(calibration) == 0 or len(heldout) == 0:
+        raise ExportError("int8 quantisation needs at least one calibration and one held-out image")
+    metadata = onnx_metadata(float_path)
+    kind = output_kind(metadata)
+
+    class _Reader(ImageCalibrationReader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="mobilenets-int8-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        try:
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        except Exception:  # pre-processing is an optimisation; quantise the plain export instead
+            prepared = float_path
+        with atomic_path(out) as tmp:
+            quantize_static(
+                str(prepared),
+                str(tmp),
+                _Reader(calibration.astype(np.float32), metadata.get("input_name", INPUT_NAME)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                # 7-bit weights: x86 CPUs without VNNI sum pairs of u8 x s8 products in int16, which
+                # saturates with full-range weights (0.25 MobileNet-128 agreement 0.66 -> 0.93, same speed)
+                reduce_range=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+            set_onnx_metadata(
+                tmp, {**metadata, "quantization": "int8 static QDQ per-channel (7-bit weights)"}
+            )
+            reference = run_onnx(ort_session(float_path), heldout)
+            quantized = run_onnx(ort_session(tmp), heldout)
+            report = agreement(kind, reference, quantized)
+            if not report.value >= min_agreement:
+                raise AgreementError(
+                    f"{out}: {report.summary()} is below the floor {min_agreement}; not written"
+                )
+    return report
+
+
+def export_int8(
+    task: nn.Module,
+    out: str | Path,
+    calibration_paths: Sequence[Path],
+    heldout_paths: Sequence[Path],
+    min_agreement: float = 0.99,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """Float ONNX export (verified), then int8 quantisation calibrated on ``calibration_paths`` and checked
+    on ``heldout_paths``; only the int8 model is written to ``out``."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="mobilenets-export-") as work:
+        float_result = export_onnx(task, Path(work) / "float.onnx", tolerance)
+        metadata = float_result.metadata
+        calibration = preprocess_images(calibration_paths, metadata)
+        heldout = preprocess_images(heldout_paths, metadata)
+        report = quantize_onnx(float_result.path, out, calibration, heldout, min_agreement)
+    return ExportResult(
+        out,
+        "onnx int8",
+        float_result.max_abs_diff,
+        float_result.max_rel_diff,
+        onnx_metadata(out),
+        report,
+    )
+
+
+def split_calibration(paths: Sequence[Path], every: int = 5) -> tuple[list[Path], list[Path]]:
+    """Hold out every ``every``-th image (never used for calibration) when no held-out folder is given."""
+    heldout = [p for i, p in enumerate(paths) if i % every == every - 1]
+    calibration = [p for i, p in enumerate(paths) if i % every != every - 1]
+    return calibration, heldout

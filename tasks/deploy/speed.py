@@ -1,0 +1,507 @@
+"""The deployment speed report behind ``mobilenets bench`` (``tasks/cli/bench.py``).
+
+For 1.0 MobileNet-224 and 0.25 MobileNet-128, in one run and on the same threads: images/s at batch 1 and
+32 and p50/p90 latency at batch 1 of PyTorch eager (NCHW and channels_last), our inference mode (batch
+norm folded, channels_last, ``torch.inference_mode``), ``torch.compile`` of the inference mode (skipped if
+it fails), ONNX Runtime fp32 and int8 (static QDQ, per-channel), beside timm's ``mobilenetv1_100`` as the
+peer (when timm is installed): eager, and exported and quantised by the same code as ours, each timed in
+alternating rounds with our row, whose "vs peer" column gives the batch-1 ratio. ``--readme README.md``
+writes the table between the README's ``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers with the
+date and the machine.
+
+No trained weights are available offline, so the models get signal-preserving random weights
+(delta-orthogonal), batch-norm statistics measured on synthetic structured images (10 classes of tinted,
+oriented gratings, ``datasets/synthetic_calibration.py``) and a softmax-regression head trained on the
+frozen features of those classes. Without this, random networks push activations into denormal floats
+(slow on every runtime) and int8/float agreement would be measured on near-ties of a random head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilenets.backbone.inference import InferenceModel, inference_model, recalibrate_batchnorm
+from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.backbone.weights import filter_timm_state_dict
+from mobilenets.datasets.atomic import write_text_atomic
+from mobilenets.datasets.synthetic_calibration import write_pattern_images
+from mobilenets.tasks.deploy.export import (
+    agreement,
+    export_onnx,
+    ort_session,
+    preprocess_images,
+    quantize_onnx,
+    run_onnx,
+)
+
+BENCH_START = "<!-- bench:start -->"
+BENCH_END = "<!-- bench:end -->"
+#: Synthetic classes the trained linear head tells apart (rows 0..N-1 of the 1000-way classifier).
+HEAD_CLASSES = 10
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run or write its report; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def time_calls(
+    fn: Callable[[], object], repeats: int, warmup: int = 2, budget_s: float = 30.0
+) -> list[float]:
+    """Wall times (s) of ``repeats`` calls after ``warmup`` calls, stopping early past ``budget_s``."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - started > budget_s and len(times) >= 3:
+            break
+    return times
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    """One runtime's numbers for one model."""
+
+    model: str
+    runtime: str
+    images_per_s_b1: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    images_per_s_b32: float | None
+    note: str = ""
+    #: images/s at batch 1 over the peer's (timm's model on the same runtime), measured in the same run
+    vs_peer: float | None = None
+
+
+def speed_row(
+    model: str,
+    runtime: str,
+    b1_times: Sequence[float] | None,
+    b32_times: Sequence[float] | None,
+    note: str = "",
+) -> SpeedRow:
+    """Median throughput at batch 1 and 32 and p50/p90 latency at batch 1 from call times (s)."""
+    b1 = p50 = p90 = b32 = None
+    if b1_times:
+        p50, p90 = (float(np.percentile(b1_times, q)) * 1e3 for q in (50, 90))
+        b1 = 1e3 / p50
+    if b32_times:
+        b32 = 32 / statistics.median(b32_times)
+    return SpeedRow(model, runtime, b1, p50, p90, b32, note)
+
+
+def measure(
+    model: str,
+    runtime: str,
+    run_b1: Callable[[], object] | None,
+    run_b32: Callable[[], object] | None,
+    repeats_b1: int = 50,
+    repeats_b32: int = 5,
+    note: str = "",
+) -> SpeedRow:
+    """Median throughput at batch 1 and 32 and p50/p90 latency at batch 1."""
+    b1_times = time_calls(run_b1, repeats_b1, warmup=5) if run_b1 is not None else None
+    b32_times = time_calls(run_b32, repeats_b32, warmup=1, budget_s=60.0) if run_b32 is not None else None
+    return speed_row(model, runtime, b1_times, b32_times, note)
+
+
+def measure_against_peer(
+    model: str,
+    ours: tuple[str, Callable[[], object], Callable[[], object]],
+    peer: tuple[str, Callable[[], object], Callable[[], object]],
+    repeats_b1: int = 50,
+    repeats_b32: int = 5,
+    rounds: int = 5,
+) -> tuple[SpeedRow, SpeedRow]:
+    """Our runtime and the peer's, timed in alternating rounds so that a noisy machine slows both alike;
+    our row carries the batch-1 ratio to the peer."""
+    runs = (ours, peer)
+    b1_times: list[list[float]] = [[], []]
+    b32_times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, (_, run_b1, run_b32) in enumerate(runs):
+            b1_times[i] += time_calls(run_b1, max(repeats_b1 // rounds, 1), warmup=2)
+            b32_times[i] += time_calls(run_b32, max(repeats_b32 // rounds, 1), warmup=1, budget_s=60.0)
+    ours_row, peer_row = (speed_row(model, run[0], b1_times[i], b32_times[i]) for i, run in enumerate(runs))
+    return replace(ours_row, vs_peer=_ratio(ours_row.images_per_s_b1, peer_row.images_per_s_b1)), peer_row
+
+
+# ---------------------------------------------------------------------------------------------- models
+def pattern_batches(root: Path, input_size: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic grating images written as JPEGs, prepared with the eval transform: (images, labels)."""
+
+    size = round(input_size / 0.875) + 8
+    samples = write_pattern_images(root, per_class, HEAD_CLASSES, size, seed)
+    metadata = {"input_size": str(input_size), "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
+    images = preprocess_images([p for p, _ in samples], metadata)
+    return images, np.array([label for _, label in samples])
+
+
+def delta_orthogonal_(model: nn.Module, noise: float = 0.1, generator: torch.Generator | None = None) -> None:
+    """Signal-preserving random weights (delta-orthogonal initialisation, Xiao et al. 2018): depthwise
+    kernels are a centre tap plus noise, full and pointwise kernels an orthogonal matrix at the centre.
+
+    Kaiming-random MobileNets lose the input's information with depth (pooled features of different images
+    become nearly identical by block 6), so their outputs say nothing about agreement; these keep it.
+    """
+    with torch.no_grad():
+        for conv in model.modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            weight = conv.weight
+            centre = (weight.shape[2] // 2, weight.shape[3] // 2)
+            if conv.groups > 1:
+                weight.normal_(0, noise, generator=generator)
+                weight[:, :, centre[0], centre[1]] += 1.0
+            else:
+                matrix = torch.empty(weight.shape[0], weight.shape[1])
+                nn.init.orthogonal_(matrix, generator=generator)
+                weight.normal_(0, noise / 2, generator=generator) if weight.shape[2] > 1 else weight.zero_()
+                weight[:, :, centre[0], centre[1]] += matrix
+
+
+def realistic_(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, forward_features: Callable, steps: int = 300
+) -> None:
+    """Batch-norm statistics of ``images`` and a linear head trained on their frozen features.
+
+    The transfer-learning setting of the suite in miniature: the classifier's first K rows (K = number of
+    label classes) become a softmax regression fitted to the pooled features of the frozen random backbone,
+    so that outputs have trained-like margins rather than the near-ties of a random head.
+    """
+    recalibrate_batchnorm(model, list(images.split(16)))
+    model.eval()
+    classifier = model.get_classifier()
+    classes = int(labels.max()) + 1
+    with torch.no_grad():
+        features = torch.cat([forward_features(chunk) for chunk in images.split(16)])
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    standardized = (features - mean) / std
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(classes, features.shape[1], generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.01, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(standardized @ weight.T + bias, labels).backward()
+            optimizer.step()
+    with torch.no_grad():
+        classifier.weight.normal_(0, 1e-4)
+        classifier.bias.fill_(-1e3)  # rows beyond the K classes never win
+        classifier.weight[:classes] = weight / std
+        classifier.bias[:classes] = bias - (weight / std) @ mean
+
+
+def our_model(width_mult: float) -> MobileNetV1:
+    """Our MobileNet as timm's ``mobilenetv1_100`` builds it (ReLU6, like the released weights)."""
+    return MobileNetV1(num_classes=1000, width_mult=width_mult, activation="relu6").eval()
+
+
+def timm_peer() -> nn.Module | None:
+    """timm's ``mobilenetv1_100`` with random weights (no download), or None when timm is missing."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm.create_model("mobilenetv1_100", pretrained=False).eval()
+
+
+def copy_timm_into_ours(peer: nn.Module, ours: MobileNetV1) -> None:
+    """Give our model the peer's exact weights, so both compute the same function."""
+
+    ours.load_state_dict(filter_timm_state_dict(peer.state_dict(), ours))
+
+
+class _ExportAdapter(nn.Module):
+    """Presents a bare network through the task export contract."""
+
+    def __init__(self, network: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.network = network
+        self.input_size = input_size
+
+    def export_module(self) -> nn.Module:
+        return self.network
+
+    def export_metadata(self) -> dict[str, str]:
+        return {
+            "task": "benchmark",
+            "input_size": str(self.input_size),
+            "mean": "0.5,0.5,0.5",
+            "std": "0.5,0.5,0.5",
+        }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- report
+def bench_one(
+    name: str,
+    model: MobileNetV1,
+    input_size: int,
+    work: Path,
+    threads: int,
+    compile_model: bool,
+    calibration: np.ndarray,
+    heldout: np.ndarray,
+    peer: nn.Module | None = None,
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[list[SpeedRow], str]:
+    """Every runtime on one model; returns the rows and the int8 agreement line."""
+
+    repeats_b1, repeats_b32 = (10, 2) if quick else (50, 5)
+    x1 = torch.randn(1, 3, input_size, input_size)
+    x32 = torch.randn(32, 3, input_size, input_size)
+    rows: list[SpeedRow] = []
+
+    def torch_runner(module: nn.Module, x: torch.Tensor, channels_last: bool) -> Callable[[], object]:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return module(x)
+
+        return run
+
+    def add(runtime: str, b1: Callable | None, b32: Callable | None, note: str = "") -> None:
+        log(f"  {name}: {runtime} ...")
+        rows.append(measure(name, runtime, b1, b32, repeats_b1, repeats_b32, note))
+
+    def add_with_peer(
+        runtime: str, b1: Callable, b32: Callable, peer_runtime: str, peer_b1: Callable, peer_b32: Callable
+    ) -> None:
+        log(f"  {name}: {runtime} and {peer_runtime}, alternating ...")
+        ours_row, peer_row = measure_against_peer(
+            name, (runtime, b1, b32), (peer_runtime, peer_b1, peer_b32), repeats_b1, repeats_b32
+        )
+        rows.extend([peer_row, ours_row])
+
+    peer_eager = (torch_runner(peer, x1, False), torch_runner(peer, x32, False)) if peer is not None else None
+    if peer_eager is not None:
+        add_with_peer(
+            "PyTorch eager NCHW",
+            torch_runner(model, x1, False),
+            torch_runner(model, x32, False),
+            "timm mobilenetv1_100 eager NCHW (peer)",
+            *peer_eager,
+        )
+    else:
+        add("PyTorch eager NCHW", torch_runner(model, x1, False), torch_runner(model, x32, False))
+    channels_last = model.to(memory_format=torch.channels_last)
+    add(
+        "PyTorch eager channels_last",
+        torch_runner(channels_last, x1, True),
+        torch_runner(channels_last, x32, True),
+    )
+    model = model.to(memory_format=torch.contiguous_format)
+    fast: InferenceModel = inference_model(model)
+    add("inference mode (BN folded, channels_last)", lambda: fast(x1), lambda: fast(x32))
+    if compile_model:
+        try:
+            started = time.perf_counter()
+            compiled = torch.compile(fast.model, dynamic=False)
+            with _quiet():
+                torch_runner(compiled, x1, True)()
+                torch_runner(compiled, x32, True)()
+            note = f"compile {time.perf_counter() - started:.0f} s"
+            add(
+                "torch.compile(inference mode)",
+                torch_runner(compiled, x1, True),
+                torch_runner(compiled, x32, True),
+                note,
+            )
+        except Exception as error:  # no compiler toolchain, unsupported platform, ...
+            log(f"  {name}: torch.compile skipped ({type(error).__name__}: {str(error)[:120]})")
+            rows.append(
+                SpeedRow(name, "torch.compile(inference mode)", None, None, None, None, "skipped: failed")
+            )
+    if peer_eager is not None:  # the other torch runtimes against timm's eager model
+        peer_b1 = rows[0].images_per_s_b1
+        rows[2:] = [replace(row, vs_peer=_ratio(row.images_per_s_b1, peer_b1)) for row in rows[2:]]
+
+    n1, n32 = x1.numpy(), x32.numpy()
+    float_path, int8_path = work / f"{name}.onnx", work / f"{name}.int8.onnx"
+    with _quiet():
+        export_onnx(_ExportAdapter(model, input_size), float_path)
+    session = ort_session(float_path, threads)
+    log(f"  {name}: int8 calibration on {len(calibration)} images ...")
+    report = quantize_onnx(float_path, int8_path, calibration, heldout, min_agreement=0.0)
+    session8 = ort_session(int8_path, threads)
+    if peer is not None:
+        # timm's model through the same exporter and quantiser: the runtime's own ceiling for this network
+        peer_float, peer_int8 = work / f"{name}.timm.onnx", work / f"{name}.timm.int8.onnx"
+        with _quiet():
+            export_onnx(_ExportAdapter(peer, input_size), peer_float)
+        quantize_onnx(peer_float, peer_int8, calibration, heldout, min_agreement=0.0)
+        peer_session, peer_session8 = ort_session(peer_float, threads), ort_session(peer_int8, threads)
+        add_with_peer(
+            "ONNX Runtime fp32",
+            lambda: run_onnx(session, n1),
+            lambda: run_onnx(session, n32),
+            "timm mobilenetv1_100 → ONNX Runtime fp32 (peer)",
+            lambda: run_onnx(peer_session, n1),
+            lambda: run_onnx(peer_session, n32),
+        )
+        add_with_peer(
+            "ONNX Runtime int8 (QDQ, per-channel 7-bit)",
+            lambda: run_onnx(session8, n1),
+            lambda: run_onnx(session8, n32),
+            "timm mobilenetv1_100 → ONNX Runtime int8 (peer)",
+            lambda: run_onnx(peer_session8, n1),
+            lambda: run_onnx(peer_session8, n32),
+        )
+    else:
+        add("ONNX Runtime fp32", lambda: run_onnx(session, n1), lambda: run_onnx(session, n32))
+        add(
+            "ONNX Runtime int8 (QDQ, per-channel 7-bit)",
+            lambda: run_onnx(session8, n1),
+            lambda: run_onnx(session8, n32),
+        )
+    float_out = run_onnx(session, heldout)
+    int8_out = run_onnx(session8, heldout)
+    cosine = agreement("embedding", [float_out[0][:, :HEAD_CLASSES]], [int8_out[0][:, :HEAD_CLASSES]])
+    line = f"{name}: {report.summary()}; mean cosine of the 10 class logits {cosine.value:.4f}"
+    return rows, line
+
+
+def _ratio(ours: float | None, peer: float | None) -> float | None:
+    return ours / peer if ours is not None and peer else None
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[SpeedRow]) -> str:
+    """A markdown table of the rows."""
+    lines = [
+        "| model | runtime | img/s b1 | p50 ms b1 | p90 ms b1 | img/s b32 | vs peer b1 | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.runtime} | {_fmt(r.images_per_s_b1)} | {_fmt(r.p50_ms, 1)} | "
+            f"{_fmt(r.p90_ms, 1)} | {_fmt(r.images_per_s_b32)} | "
+            f"{'' if r.vs_peer is None else f'{r.vs_peer:.2f}x'} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_description(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import onnxruntime
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}"
+    )
+
+
+def update_readme(readme: Path, body: str) -> None:
+    """Replace the text between the bench markers of ``readme`` (atomically); everything else is kept."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(BENCH_START), text.find(BENCH_END)
+    if start < 0 or end < 0 or end < start:
+        raise BenchError(f"{readme}: expected the markers {BENCH_START} ... {BENCH_END} (in that order)")
+    updated = text[: start + len(BENCH_START)] + "\n" + body.strip() + "\n" + text[end:]
+    write_text_atomic(readme, updated)
+
+
+def speed_report(
+    threads: int = 2, compile_model: bool = True, quick: bool = False, log: Callable[[str], None] = print
+) -> tuple[list[SpeedRow], list[str]]:
+    """Run every runtime on 1.0 MobileNet-224 and 0.25 MobileNet-128; (rows, agreement lines)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    configs = [("1.0 MobileNet-224", 1.0, 224), ("0.25 MobileNet-128", 0.25, 128)]
+    if quick:
+        configs = [("0.25 MobileNet-64", 0.25, 64)]
+    rows: list[SpeedRow] = []
+    lines: list[str] = []
+    per_class = (2, 4) if quick else (8, 12)  # calibration, held-out images per class
+    with tempfile.TemporaryDirectory(prefix="mobilenets-bench-") as work_dir:
+        work = Path(work_dir)
+        for name, width, size in configs:
+            log(f"{name}: preparing synthetic images and the model ...")
+            images, labels = pattern_batches(work / f"images{size}", size, sum(per_class), seed=size)
+            is_cal = np.arange(len(labels)) % sum(per_class) < per_class[0]
+            calibration, heldout = images[is_cal], images[~is_cal]
+            model = our_model(width)
+            peer = timm_peer() if width == 1.0 and not quick else None
+            tensors, targets = torch.from_numpy(calibration), torch.from_numpy(labels[is_cal])
+            if peer is not None:
+                delta_orthogonal_(peer)
+                realistic_(
+                    peer,
+                    tensors,
+                    targets,
+                    lambda x, p=peer: p.forward_head(p.forward_features(x), pre_logits=True),
+                )
+                copy_timm_into_ours(peer, model)
+            else:
+                delta_orthogonal_(model)
+                realistic_(
+                    model,
+                    tensors,
+                    targets,
+                    lambda x, m=model: m.forward_head(m.forward_features(x), pre_logits=True),
+                )
+            with torch.inference_mode():
+                logits = model(torch.from_numpy(heldout))
+            accuracy = float((logits.argmax(1).numpy() == labels[~is_cal]).mean())
+            new_rows, line = bench_one(
+                name,
+                model,
+                size,
+                work,
+                threads,
+                compile_model and not quick,
+                calibration,
+                heldout,
+                peer,
+                quick,
+                log,
+            )
+            rows += new_rows
+            lines.append(f"{line}; float accuracy of the synthetic 10-class head {accuracy:.3f}")
+    return rows, lines
+
+
+def report_markdown(rows: list[SpeedRow], lines: list[str], threads: int) -> str:
+    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    notes = "\n".join(f"- {line}" for line in lines)
+    return (
+        f"Measured {when} on {machine_description(threads)} by `mobilenets bench` "
+        f"(`benchmarks/deploy.py`); medians.\n\n{format_table(rows)}\n\n{notes}\n"
+    )

@@ -1,0 +1,294 @@
+"""What SSD and Faster R-CNN share (paper Table 13): the detector in ``self.model``, COCO mAP at each
+validation and test epoch through ``coco_eval``, COCO results that carry the dataset's own category ids, and
+predictions drawn as PNGs. The detectors themselves are ``ssd.SSDDetection`` and
+``faster_rcnn.FasterRCNNDetection``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.backbone.profile import Profile, count_mult_adds, count_parameters
+from mobilenets.datasets.atomic import atomic_path
+from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.detection.coco_eval import (
+    PAPER_TABLE13,
+    evaluate_detections,
+    format_result,
+    write_results_json,
+)
+
+
+# --------------------------------------------------------------------------- tasks
+class DetectionTask(BaseTask):
+    """What SSD and Faster R-CNN share: the detector in ``self.model``, COCO mAP at each validation and test
+    epoch, COCO results with the dataset's category ids, predictions drawn as PNGs.
+
+    Args:
+        num_classes: detector outputs including the background (91 = the TF API's COCO label map + 1, as in
+            the paper; a dataset with K categories needs at least K + 1).
+        class_names / category_ids: the dataset's categories by contiguous label (filled from the
+            datamodule at fit time and saved in checkpoints; leave unset in configs).
+        score_thresh, nms_thresh, detections_per_img: post-processing.
+        predictions_dir: where ``predict`` writes PNGs and ``detections.json`` (default
+            ``<default_root_dir>/predictions``).
+        draw_score_thresh: detections below this score are not drawn (all are written to the JSON).
+        recompute_bn_batches: before each validation during fit, re-estimate the batch-norm running
+            statistics from this many training batches ("precise BN"; 0 = off). Short runs from scratch
+            need it: their running averages lag far behind the quickly changing weights.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 91,
+        class_names: list[str] | None = None,
+        category_ids: list[int] | None = None,
+        score_thresh: float = 0.01,
+        nms_thresh: float = 0.6,
+        detections_per_img: int = 100,
+        predictions_dir: str | None = None,
+        draw_score_thresh: float = 0.3,
+        recompute_bn_batches: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        super().__init__(**kwargs)
+        self.model: nn.Module
+        self._eval_results: dict[str, list[dict[str, Any]]] = {}
+        self._eval_image_ids: dict[str, list[int]] = {}
+
+    # the backbone lives inside the detector; BaseTask's freezing schedule reaches it here
+    @property
+    def backbone(self) -> MobileNetV1:  # type: ignore[override]
+        return self.model.backbone.body
+
+    def table13_name(self) -> str:
+        raise NotImplementedError
+
+    def paper_figures(self) -> tuple[float, float] | None:
+        hp = self.hparams
+        row = PAPER_TABLE13.get(self.table13_name())
+        if row is None or hp.width_mult != 1.0 or hp.num_classes != 91:
+            return None
+        return row[1] * 1000, row[2]
+
+    def profile_image(self) -> torch.Tensor:
+        size = self.hparams.input_size
+        return torch.zeros(3, size, size, device=self.device)
+
+    def profile(self) -> Profile:
+        """Mult-adds of convolutions and linear layers on one ``input_size`` x ``input_size`` image, and all
+        parameters; resizing, anchors, box decoding, RoIAlign and NMS are not counted (no mult-adds of
+        the paper's kind)."""
+        return Profile(count_mult_adds(self.model, [self.profile_image()]), count_parameters(self))
+
+    # ---------------------------------------------------------------- categories
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        categories = getattr(datamodule, "category_map", None) if datamodule is not None else None
+        if categories is None:
+            return
+        if len(categories) + 1 > self.hparams.num_classes:
+            raise ValueError(
+                f"the dataset has {len(categories)} categories but the model's num_classes is "
+                f"{self.hparams.num_classes}; it must be at least {len(categories) + 1} (background included)"
+            )
+        self.hparams.class_names = list(categories.names)
+        self.hparams.category_ids = list(categories.category_ids)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("class_names", "category_ids"):
+            if self.hparams.get(key) is None and saved.get(key) is not None:
+                self.hparams[key] = saved[key]
+
+    def category_id(self, label: int) -> int | None:
+        ids = self.hparams.category_ids
+        if ids is None:
+            return label
+        return ids[label - 1] if 1 <= label <= len(ids) else None
+
+    def class_name(self, label: int) -> str:
+        names = self.hparams.class_names
+        return names[label - 1] if names and 1 <= label <= len(names) else f"class {label}"
+
+    def to_coco_results(
+        self, detections: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int], categories: Any = None
+    ) -> list[dict[str, Any]]:
+        """COCO results entries (``bbox`` as [x, y, w, h], the dataset's category ids). Labels of head
+        outputs that no category uses (a 91-way head on 80 categories) are left out."""
+        results = []
+        for det, image_id in zip(detections, image_ids):
+            boxes = det["boxes"].detach().cpu().tolist()
+            scores = det["scores"].detach().cpu().tolist()
+            labels = det["labels"].detach().cpu().tolist()
+            for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):
+                if categories is not None:
+                    cid = categories.category_ids[label - 1] if 1 <= label <= len(categories) else None
+                else:
+                    cid = self.category_id(label)
+                if cid is None:
+                    continue
+                results.append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(cid),
+                        "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                        "score": round(float(score), 5),
+                    }
+                )
+        return results
+
+    # ---------------------------------------------------------------- steps
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> Any:
+        return self.model(images, targets)
+
+    def detect(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections (original-image pixels, contiguous labels) of [0, 1] images of any size."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            out = self.model(list(images))
+        self.train(was_training)
+        return out
+
+    def _shared_step(self, batch: Any, stage: Stage) -> torch.Tensor | None:
+        images, targets = batch
+        if stage == "train":
+            clean = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+            losses = self.model(images, clean)
+            loss = sum(losses.values())
+            self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+            return loss
+        detections = self.model(images)
+        dataset = self._stage_dataset(stage)
+        categories = getattr(dataset, "categories", None)
+        image_ids = [t["image_id"] for t in targets]
+        self._eval_results.setdefault(stage, []).extend(
+            self.to_coco_results(detections, image_ids, categories)
+        )
+        self._eval_image_ids.setdefault(stage, []).extend(image_ids)
+        return None
+
+    def _stage_dataset(self, stage: str) -> Any:
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[0]
+        return getattr(loaders, "dataset", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_results["val"], self._eval_image_ids["val"] = [], []
+        if self.hparams.recompute_bn_batches > 0 and self.trainer.state.fn == "fit":
+            self.recompute_batch_norm(self.trainer.train_dataloader, self.hparams.recompute_bn_batches)
+
+    @torch.no_grad()
+    def recompute_batch_norm(self, loader: Any, num_batches: int) -> None:
+        """Replace every batch norm's running mean/var by the plain average over ``num_batches`` batches
+        of ``loader`` (inference-mode forward, so the box head's norms see real proposals)."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or loader is None:
+            return
+        was_training = self.training
+        saved = [m.momentum for m in norms]
+        self.model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average
+            norm.train()
+        for index, (images, _targets) in enumerate(loader):
+            if index >= num_batches:
+                break
+            self.model([image.to(self.device) for image in images])
+        for norm, momentum in zip(norms, saved):
+            norm.momentum = momentum
+        self.train(was_training)
+        self.model.eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_results["test"], self._eval_image_ids["test"] = [], []
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        result = self._evaluate_stage("test")
+        if result is not None and self.trainer.is_global_zero:
+            prof = self.profile()
+            row = (self.table13_name(), prof.mult_adds / 1e9, prof.million_parameters)
+            print(format_result(result, row, PAPER_TABLE13.get(self.table13_name())))
+
+    def _evaluate_stage(self, stage: str) -> Any:
+        results = self._eval_results.get(stage, [])
+        image_ids = self._eval_image_ids.get(stage, [])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (results, image_ids))
+            results = [r for part in gathered for r in part[0]]
+            image_ids = sorted({i for part in gathered for i in part[1]})
+        dataset = self._stage_dataset(stage)
+        coco = getattr(dataset, "coco", None)
+        if coco is None or not image_ids:
+            return None
+        result = evaluate_detections(coco.dataset, results, image_ids=image_ids)
+        names = {"AP": "mAP", "AP50": "AP50", "AP75": "AP75", "AR100": "AR100"}
+        for key, value in result.as_dict().items():
+            if key in names:
+                self.log(f"{stage}/{names[key]}", value, prog_bar=key in ("AP", "AP50"), sync_dist=False)
+        if self.trainer.log_dir and self.trainer.is_global_zero and stage == "test":
+            write_results_json(results, Path(self.trainer.log_dir) / f"{stage}_detections.json")
+        return result
+
+    # ---------------------------------------------------------------- predict
+    def _predict_dir(self) -> Path:
+        if self.hparams.predictions_dir:
+            return Path(self.hparams.predictions_dir)
+        return Path(self.trainer.default_root_dir) / "predictions"
+
+    def on_predict_epoch_start(self) -> None:
+        self._eval_results["predict"] = []
+
+    def predict_detections(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections of a predict batch ([0, 1] images of any size): the PyTorch detector, or the export
+        attached by ``use_exported`` (SSD only)."""
+        return self.model(images)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        from PIL import Image, ImageDraw
+
+        images, infos = batch
+        detections = self.predict_detections(images)
+        out_dir = self._predict_dir()
+        for image, info, det in zip(images, infos, detections):
+            self._eval_results["predict"] += [
+                {**entry, "file_name": Path(info["path"]).name}
+                for entry in self.to_coco_results([det], [info["image_id"]])
+            ]
+            array = (image.detach().cpu().clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            canvas = Image.fromarray(array)
+            draw = ImageDraw.Draw(canvas)
+            for box, score, label in zip(
+                det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()
+            ):
+                if score < self.hparams.draw_score_thresh:
+                    continue
+                draw.rectangle(box, outline=(255, 40, 40), width=2)
+                text = f"{self.class_name(label)} {score:.2f}"
+                draw.text((box[0] + 2, max(box[1] - 11, 0)), text, fill=(255, 255, 0))
+            with atomic_path(out_dir / f"{Path(info['path']).stem}_detections.png", ".png") as temp:
+                canvas.save(temp, format="PNG")
+        return detections
+
+    def on_predict_epoch_end(self) -> None:
+        path = write_results_json(
+            self._eval_results.get("predict", []), self._predict_dir() / "detections.json"
+        )
+        print(f"wrote detections of the predict folder to {path} (drawn images beside it)")
