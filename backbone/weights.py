@@ -1,15 +1,20 @@
-"""Pretrained weights from local files: timm, Keras (h5) and this project's own Lightning checkpoints.
+"""Pretrained weights from local files: timm, Keras (h5), TFLite and this project's own Lightning checkpoints.
 
 ``load_pretrained(model, path)`` reads the file without unpickling code (``torch.load(weights_only=True)``,
-``safetensors``, ``h5py``), recognises its layout and maps its keys with one pure function per foreign
-layout (``filter_timm_state_dict``, ``filter_keras_h5``, ``filter_lightning_checkpoint``), then checks
-every tensor against the backbone before anything is copied:
+``safetensors``, ``h5py``, the ``tflite`` flatbuffer binding), recognises its layout and maps its keys with
+one pure function per foreign layout (``filter_timm_state_dict``, ``filter_keras_h5``, ``filter_tflite``,
+``filter_lightning_checkpoint``), then checks every tensor against the backbone before anything is copied:
 
 - a classifier of another size (or any classifier, for a headless backbone) is dropped with a log line;
 - any other tensor of the wrong shape fails with a message naming the first such key and both shapes;
 - keys the backbone does not have, or backbone keys the file lacks, fail with both lists.
 
 Errors are :class:`PretrainedWeightsError` (a ``ValueError``) and always name the file.
+
+``official:<name>`` (``official:0.25_128``) loads one of Google's TFLite files shipped in the package. TFLite
+files have batch norm folded into the convolutions: ``load_pretrained`` lists the batch norms that carry
+the folded form in the backbone's ``folded_batchnorm`` attribute, for
+``mobilenets.backbone.inference.reestimate_folded_batchnorm`` to give them real statistics before training.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from mobilenets.backbone.inference import FOLDED_BATCHNORM_ATTR
 from mobilenets.backbone.mobilenet import BLOCK_SPECS, SHALLOW_REMOVED_BLOCKS, MobileNetV1
+from mobilenets.backbone.tflite import (
+    CLASSES_WITH_BACKGROUND,
+    OFFICIAL_DIR,
+    OFFICIAL_PREFIX,
+    OFFICIAL_WEIGHTS,
+    TFLiteFormatError,
+    TFLiteMobileNet,
+    folded_state,
+    is_tflite,
+    read_tflite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +306,40 @@ def filter_keras_h5(h5file_or_weights: Any, model: MobileNetV1) -> dict[str, tor
     return {key: mapped.tensor for key, mapped in _map_keras(weights).items()}
 
 
+# ------------------------------------------------------------------------------------------- TFLite
+def _bn_eps_of(model: nn.Module) -> Callable[[str], float]:
+    """``module name -> eps`` of the model's batch norms (the first one's for modules it does not have)."""
+    default = _bn_eps(model) or 1e-5
+
+    def eps(name: str) -> float:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return default
+        return float(module.eps) if isinstance(module, nn.BatchNorm2d) else default
+
+    return eps
+
+
+def _map_tflite(network: TFLiteMobileNet, model: nn.Module) -> dict[str, _Mapped]:
+    state = folded_state(network, _bn_eps_of(model))
+    return {key: _Mapped(source, tensor) for key, (source, tensor) in state.items()}
+
+
+def filter_tflite(network_or_bytes: TFLiteMobileNet | bytes, model: MobileNetV1) -> dict[str, torch.Tensor]:
+    """Map a MobileNet v1 TFLite file (its bytes, or ``read_tflite``'s result) onto ``model``'s keys.
+
+    The 27 convolutions in graph order become the stem and the depthwise/pointwise layers of the 13
+    blocks (OHWI -> OIHW, depthwise 1HWC -> C1HW), dequantized with their scale and zero point. Batch norm
+    is folded into them in the file, so each batch norm is set to add the folded bias and nothing else in
+    eval mode (weight √(1+ε), bias = folded bias, running mean 0, running var 1). A 1001-class classifier
+    drops its background class 0, leaving the 1000 ImageNet classes in the usual order; a body-only file
+    has no classifier keys.
+    """
+    network = read_tflite(network_or_bytes) if isinstance(network_or_bytes, bytes) else network_or_bytes
+    return {key: mapped.tensor for key, mapped in _map_tflite(network, model).items()}
+
+
 # ------------------------------------------------------------------------------ Lightning / native
 def find_backbone_prefix(state_dict: Mapping[str, Any]) -> str:
     """The prefix under which a task state dict keeps its MobileNet (``backbone.`` for tasks of this suite).
@@ -367,6 +418,11 @@ def _read_file(path: Path) -> tuple[str, Any]:
         head = stream.read(16)
     if not head:
         raise PretrainedWeightsError(f"{path}: the weight file is empty")
+    if is_tflite(head):
+        try:
+            return "tflite", read_tflite(path)
+        except TFLiteFormatError as error:
+            raise PretrainedWeightsError(str(error)) from error
     if head.startswith(HDF5_SIGNATURE):
         import h5py
 
@@ -398,7 +454,7 @@ def _read_file(path: Path) -> tuple[str, Any]:
         if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
             hint = "it holds Python objects other than tensors, which are not loaded for safety"
         else:
-            hint = "truncated, or not a safetensors, PyTorch or Keras HDF5 weight file"
+            hint = "truncated, or not a safetensors, PyTorch, Keras HDF5 or TFLite weight file"
         raise PretrainedWeightsError(
             f"{path}: cannot read weights ({hint}): {type(error).__name__}: {what}"
         ) from error
@@ -413,11 +469,13 @@ def _tensor_items(content: Any, path: Path) -> dict[str, torch.Tensor]:
     return {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}
 
 
-def _identify(kind: str, content: Any, path: Path) -> tuple[str, dict[str, _Mapped]]:
-    """The layout of the file ("timm", "keras", "lightning", "mobilenets" or "unknown") and its tensors
-    under our keys."""
+def _identify(kind: str, content: Any, path: Path, model: nn.Module) -> tuple[str, dict[str, _Mapped]]:
+    """The layout of the file ("timm", "keras", "tflite", "lightning", "mobilenets" or "unknown") and its
+    tensors under our keys."""
     if kind == "keras":
         return "keras", _map_keras(content)
+    if kind == "tflite":
+        return "tflite", _map_tflite(content, model)
     # Lightning and timm training checkpoints keep the weights under "state_dict"
     wrapped = isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping)
     tensors = _tensor_items(content["state_dict"] if wrapped else content, path)
@@ -449,9 +507,15 @@ def _bn_eps(model: nn.Module) -> float | None:
     return None
 
 
-def _check_source_options(model: MobileNetV1, layout: str, path: Path) -> None:
-    """Warn when the backbone's options differ from those the weights were trained with."""
-    expected = {
+def _check_source_options(
+    model: MobileNetV1, layout: str, path: Path, expected: dict[str, Any] | None = None
+) -> None:
+    """Warn when the backbone's options differ from those the weights were trained with.
+
+    ``expected`` overrides the layout's usual options (a TFLite file says its activation itself; its
+    batch norms are folded, so any ε reproduces it).
+    """
+    expected = expected or {
         "keras": {"padding": "tf", "activation": "relu6", "bn_eps": 1e-3},
         "timm": {"padding": "torch", "activation": "relu6", "bn_eps": 1e-5},
     }.get(layout)
@@ -554,18 +618,50 @@ def _merge(
     return merged
 
 
-def load_pretrained(model: MobileNetV1, path: Path) -> None:
+def resolve_weights(source: str | Path) -> Path:
+    """The file of a ``weights:`` value: a path, or a built-in source ``official:<name>``."""
+    text = str(source)
+    if not text.startswith(OFFICIAL_PREFIX):
+        return Path(source)
+    name = text[len(OFFICIAL_PREFIX) :]
+    if name not in OFFICIAL_WEIGHTS:
+        known = ", ".join(OFFICIAL_PREFIX + key for key in OFFICIAL_WEIGHTS)
+        raise PretrainedWeightsError(f"{text}: no such built-in weights; the built-in ones are: {known}")
+    path = OFFICIAL_DIR / OFFICIAL_WEIGHTS[name]
+    if not path.is_file():
+        raise WeightFileNotFoundError(
+            f"{path}: the built-in weights {text} are missing from the installation"
+        )
+    return path
+
+
+def _log_tflite(network: TFLiteMobileNet, model: MobileNetV1, path: Path) -> None:
+    if network.num_classes == CLASSES_WITH_BACKGROUND and model.num_classes == CLASSES_WITH_BACKGROUND - 1:
+        log.info("%s: dropping the classifier's background class 0: 1000 ImageNet classes remain", path)
+    low_high = network.input_range
+    log.info(
+        "%s: TFLite MobileNet v1 for %dx%d inputs%s; batch norm is folded into the convolutions "
+        "(re-estimate it before training: reestimate_folded_batchnorm)",
+        path,
+        *network.input_size,
+        f" in [{low_high[0]:g}, {low_high[1]:g}]" if low_high else "",
+    )
+
+
+def load_pretrained(model: MobileNetV1, path: str | Path) -> None:
     """Load a local weight file into ``model`` in place, checking every key and shape first.
 
     Reads timm state dicts (``.safetensors``, ``.pth``, ``.bin``), Keras MobileNet ``.h5`` files (legacy
-    weights-only or full-model layout, or Keras 3 ``.weights.h5``), and this project's Lightning
+    weights-only or full-model layout, or Keras 3 ``.weights.h5``), TFLite MobileNet v1 files (Google's
+    quantized releases; ``official:0.25_128`` is shipped in the package), and this project's Lightning
     checkpoints or saved backbone state dicts. The format is recognised from the content, not the suffix.
-    Nothing is changed in ``model`` when the file does not fit.
+    Nothing is changed in ``model`` when the file does not fit. Afterwards ``model.folded_batchnorm``
+    names the batch norms that hold folded statistics (those of a TFLite file; empty otherwise).
     """
-    path = Path(path)
+    path = resolve_weights(path)
     kind, content = _read_file(path)
     try:
-        layout, mapped = _identify(kind, content, path)
+        layout, mapped = _identify(kind, content, path, model)
     except PretrainedWeightsError:
         raise
     except ValueError as error:
@@ -575,7 +671,16 @@ def load_pretrained(model: MobileNetV1, path: Path) -> None:
             "keras": "Keras layer groups with 'weight_names', 'model_weights/' or Keras 3 'layers/'",
         }.get(layout, "tensors")
         raise PretrainedWeightsError(f"{path}: the file holds no weights (expected {expected})")
-    _check_source_options(model, layout, path)
+    expected = {"padding": "tf", "activation": content.activation} if layout == "tflite" else None
+    _check_source_options(model, layout, path, expected)
     merged = _merge(model, layout, mapped, path)
     model.load_state_dict(merged, strict=True)
+    folded = [  # the batch norms that stand for folded ones (a shallow backbone skips some)
+        key[: -len(".running_var")]
+        for key in mapped
+        if layout == "tflite" and key.endswith(".bn.running_var") and key in merged
+    ]
+    setattr(model, FOLDED_BATCHNORM_ATTR, tuple(folded))
+    if layout == "tflite":
+        _log_tflite(content, model, path)
     log.info("%s: loaded %d tensors (%s layout)", path, len(mapped), layout)
