@@ -42,6 +42,34 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_paths(*paths: str | Path, suffix: str = ".tmp") -> Iterator[list[Path]]:
+    """Temporary paths for files that belong together (a partition's CSV and its GeoJSON): none replaces
+    its file until the block has written them all, so a failure while writing leaves every old file."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path, suffix)) for path in paths]
+
+
+def temporary_pattern(name_glob: str = "*", suffix: str = ".tmp") -> str:
+    """The glob of the hidden temporaries ``atomic_path`` makes for files whose names match ``name_glob``."""
+    return f".{name_glob}.*{suffix}"
+
+
+def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", suffix: str = ".tmp") -> list[Path]:
+    """Remove the hidden temporaries that a killed writer (SIGKILL, power loss: no ``finally`` ran) left in
+    ``folder`` for files matching ``name_glob``; returns what was removed. Call it where one writer owns
+    the folder's files (an export's output, an index directory), before writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for temp in sorted(folder.glob(temporary_pattern(name_glob, suffix))):
+        if temp.is_file():
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as temp:
         temp.write_text(text, encoding="utf-8", newline="")

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.base import BaseDataModule
 from mobilenets.datasets.images import images_in_folder, list_images, load_rgb
 from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransform
 
@@ -47,11 +48,11 @@ CELEBA_ATTRIBUTES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class CelebAFormatError(ValueError):
+class CelebAFormatError(MobilenetsError, ValueError):
     """A CelebA annotation file that does not follow the released layout; names the file and line."""
 
 
-class CelebANotFoundError(FileNotFoundError):
+class CelebANotFoundError(MobilenetsError, FileNotFoundError):
     """A CelebA file or folder that is missing; says what was looked for and where."""
 
 
@@ -71,7 +72,7 @@ class AttributeTable:
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise CelebANotFoundError(f"{path}: file not found (expected the CelebA layout: {path.name})")
-    return path.read_text().splitlines()
+    return path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Windows editors) is not data
 
 
 def parse_attribute_file(path: Path) -> AttributeTable:
@@ -273,7 +274,7 @@ def attribute_transform(input_size: int, train: bool, mean: Sequence[float], std
     return ClassificationTransform(input_size, train, mean, std, hflip=True, scale=(0.6, 1.0))
 
 
-class CelebADataModule(pl.LightningDataModule):
+class CelebADataModule(BaseDataModule):
     """CelebA train/val/test partitions, optionally plus unlabeled image folders added to training.
 
     Args:
@@ -289,6 +290,7 @@ class CelebADataModule(pl.LightningDataModule):
         predict_dir: a folder of face images (nested folders allowed) for ``predict``; without it ``predict``
             runs on the test partition. Predicting on a folder does not need the CelebA files under ``root``
             (the model's checkpoint or export names the attributes).
+        seed: seed of the shuffling.
     """
 
     def __init__(
@@ -303,8 +305,9 @@ class CelebADataModule(pl.LightningDataModule):
         mean: tuple[float, float, float] = MINUS_ONE_ONE[0],
         std: tuple[float, float, float] = MINUS_ONE_ONE[1],
         predict_dir: str | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(input_size, batch_size, num_workers, mean, std, predict_dir, seed)
         self.save_hyperparameters()
         self.root = Path(root)
         self.index: CelebAIndex | None = None
@@ -357,8 +360,8 @@ class CelebADataModule(pl.LightningDataModule):
         self.unlabeled_paths = unlabeled
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.hparams.predict_dir:
-            self._setup_predict_folder(Path(self.hparams.predict_dir))
+        if stage == "predict" and self.predict_dir:
+            self._setup_predict_folder(Path(self.predict_dir))
             return
         self._read()
         assert self.index is not None
@@ -367,13 +370,13 @@ class CelebADataModule(pl.LightningDataModule):
         offset = 0
         for split in SPLITS:
             train = split == "train" and hp.augment
-            transform = attribute_transform(hp.input_size, train, hp.mean, hp.std)
+            transform = attribute_transform(self.input_size, train, self.mean, self.std)
             paths = self.index.paths[split]
             parts = [AttributeImages(paths, self.index.labels[split], num_attributes, transform, offset)]
             offset += len(paths)
             self._parts[split] = parts
         if self.unlabeled_paths:
-            transform = attribute_transform(hp.input_size, hp.augment, hp.mean, hp.std)
+            transform = attribute_transform(self.input_size, hp.augment, self.mean, self.std)
             self._parts["train"].append(
                 AttributeImages(self.unlabeled_paths, None, num_attributes, transform, offset)
             )
@@ -393,29 +396,22 @@ class CelebADataModule(pl.LightningDataModule):
             self._predict_without_index = True
         paths = images_in_folder(folder, "predict_dir", CelebANotFoundError)
         count = len(self.index.attributes) if self.index is not None else 0
-        transform = attribute_transform(self.hparams.input_size, False, self.hparams.mean, self.hparams.std)
+        transform = attribute_transform(self.input_size, False, self.mean, self.std)
         self.datasets["predict"] = AttributeImages(paths, None, count, transform)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _dataset(self, split: str) -> Dataset:
         if split not in self.datasets:
             self.setup("predict" if split == "predict" else None)
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            drop_last=shuffle and len(self.datasets[split]) > self.hparams.batch_size,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        return self.datasets[split]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader(self._dataset("train"), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader(self._dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self._dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict" if self.hparams.predict_dir else "test", shuffle=False)
+        return self._loader(self._dataset("predict" if self.predict_dir else "test"))

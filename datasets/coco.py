@@ -24,24 +24,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.base import BaseDataModule
 from mobilenets.datasets.images import images_in_folder, load_rgb
-from mobilenets.datasets.transforms import DetectionTransform
+from mobilenets.datasets.transforms import MINUS_ONE_ONE, DetectionTransform
 
 log = logging.getLogger(__name__)
 
 Augmentation = Literal["ssd", "frcnn", "none"]
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(MobilenetsError, ValueError):
     """An annotation file that is not valid COCO format; the message names the file and the problem."""
 
 
-class MissingImageError(FileNotFoundError):
+class MissingImageError(MobilenetsError, FileNotFoundError):
     """An image listed in the annotations is not on disk; the message names the file."""
 
 
@@ -74,7 +75,13 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     for index, category in enumerate(payload["categories"]):
         if not isinstance(category, dict) or not {"id", "name"} <= category.keys():
             raise CocoFormatError(f"{path}: categories[{index}] needs 'id' and 'name'")
-    image_ids = {image["id"] for image in payload["images"]}
+    image_ids: set[Any] = set()
+    for index, image in enumerate(payload["images"]):
+        if image["id"] in image_ids:  # pycocotools would keep the last entry and pool both's annotations
+            raise CocoFormatError(
+                f"{path}: images[{index}] repeats image id {image['id']!r} (ids must be unique)"
+            )
+        image_ids.add(image["id"])
     category_ids = {category["id"] for category in payload["categories"]}
     for index, ann in enumerate(payload["annotations"]):
         if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= ann.keys():
@@ -170,6 +177,9 @@ def boxes_for_image(
         cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
         if cx1 - cx0 < 1.0 or cy1 - cy0 < 1.0:
             stats.degenerate_dropped += 1
+            log.info(
+                "dropped annotation id %s: box %s is under 1 px after clipping", ann.get("id"), ann["bbox"]
+            )
             continue
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
             stats.clipped += 1
@@ -296,7 +306,7 @@ def detection_collate(
     return images, targets
 
 
-class CocoDataModule(pl.LightningDataModule):
+class CocoDataModule(BaseDataModule):
     """COCO-format splits under ``root`` (``root/<split>/`` images, ``root/annotations/instances_<split>.json``).
 
     Args:
@@ -310,7 +320,12 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: data-loading processes.
         keep_empty: keep images without boxes as negatives (True) or drop them.
         skip_missing: skip (and count) images whose file is missing instead of failing.
+        mean, std: the model's normalisation; images stay in [0, 1] here because the detectors normalise
+            inside (torchvision's transform), with these same values.
+        seed: seed of the shuffling.
     """
+
+    collate_fn = staticmethod(detection_collate)
 
     def __init__(
         self,
@@ -326,8 +341,11 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         keep_empty: bool = True,
         skip_missing: bool = False,
+        mean: tuple[float, float, float] = MINUS_ONE_ONE[0],
+        std: tuple[float, float, float] = MINUS_ONE_ONE[1],
+        seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(input_size, batch_size, num_workers, mean, std, predict_dir, seed)
         self.save_hyperparameters()
         self.root = Path(root)
         self.datasets: dict[str, CocoDetection] = {}
@@ -342,7 +360,7 @@ class CocoDataModule(pl.LightningDataModule):
             hp = self.hparams
             split = self.split_name(stage)
             train = stage == "train"
-            transform = DetectionTransform(hp.augment, hp.input_size, train=train, max_size=hp.max_size)
+            transform = DetectionTransform(hp.augment, self.input_size, train=train, max_size=hp.max_size)
             self.datasets[stage] = CocoDetection(
                 self.root / split,
                 annotation_path(self.root, split),
@@ -373,28 +391,16 @@ class CocoDataModule(pl.LightningDataModule):
         if stage == "test":
             self.make_dataset("test")
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            collate_fn=detection_collate,
-            persistent_workers=hp.num_workers > 0,
-            drop_last=shuffle and len(dataset) > hp.batch_size,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("train"), shuffle=True)
+        return self._loader(self.make_dataset("train"), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("val"), shuffle=False)
+        return self._loader(self.make_dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("test"), shuffle=False)
+        return self._loader(self.make_dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        if not self.hparams.predict_dir:
+        if not self.predict_dir:
             raise ValueError("set data.init_args.predict_dir to the folder of images to run predict on")
-        return self._loader(ImageFolderForDetection(self.hparams.predict_dir), shuffle=False)
+        return self._loader(ImageFolderForDetection(self.predict_dir))

@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.base import BaseDataModule, SampleKey
 from mobilenets.datasets.image_list import ImageListDataset
 from mobilenets.datasets.images import check_images, images_in_folder, is_image_file, list_images, load_rgb
-from mobilenets.datasets.transforms import ClassificationTransform
+from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransform
 
 log = logging.getLogger(__name__)
 
 
-class FaceDataError(ValueError):
+class FaceDataError(MobilenetsError, ValueError):
     """A face dataset file or folder that does not match the expected layout; names the file and line."""
 
 
@@ -75,7 +76,7 @@ def read_identity_csv(csv_path: str | Path, image_root: str | Path | None = None
     csv_path = Path(csv_path)
     base = Path(image_root) if image_root is not None else csv_path.parent
     try:
-        text = csv_path.read_text(encoding="utf-8")
+        text = csv_path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first path
     except FileNotFoundError as error:
         raise FaceDataError(f"{csv_path}: identity CSV not found") from error
     samples: list[FaceSample] = []
@@ -146,7 +147,7 @@ def parse_pairs(
     pairs_path = Path(pairs_path)
     images_root = Path(images_root)
     try:
-        lines = pairs_path.read_text(encoding="utf-8").splitlines()
+        lines = pairs_path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of the header
     except FileNotFoundError as error:
         raise PairsFormatError(f"{pairs_path}: pairs file not found") from error
     numbered = [(i, line.split()) for i, line in enumerate(lines, start=1) if line.strip()]
@@ -235,9 +236,11 @@ class FaceImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor | int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image = load_rgb(self.samples[index].path, min_size=self.transform.decode_size)
-        return {"image": self.transform(image), "label": self.labels[index], "index": index}
+        image_tensor = self.transform(image, np.random.default_rng(seed))
+        return {"image": image_tensor, "label": self.labels[index], "index": index}
 
 
 class PairImagesDataset(Dataset):
@@ -280,8 +283,9 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
     """Batches of P identities × K images each (FaceNet's online triplet mining needs positives in-batch).
 
     Only identities with at least two images can be drawn; one with fewer than K images is sampled with
-    replacement. Each epoch reshuffles with ``seed + epoch``. An epoch has ``num_batches`` batches (default:
-    about one pass over the images).
+    replacement. Each epoch reshuffles with ``seed + epoch`` (Lightning sets the epoch; iterating again
+    without it moves on to the next one). An epoch has ``num_batches`` batches (default: about one pass over
+    the images). ``resume_at`` skips the batches a checkpointed run had trained on, as ``EpochSeededSampler``.
     """
 
     def __init__(
@@ -315,25 +319,44 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
         self.num_batches = num_batches or max(1, len(labels) // batch)
         self.seed = seed
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def sampler(self) -> IdentityBalancedBatchSampler:
+        # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler`` before every epoch
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Skip the first ``batches`` batches of ``epoch`` on the next pass (if that pass is of ``epoch``)."""
+        self._resume = (epoch, batches)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                skip = self._resume[1]
+            self._resume = None
+        rng = np.random.default_rng(self.seed + epoch)
         labels = np.array(sorted(self.members))
-        for _ in range(self.num_batches):
+        for number in range(self.num_batches):
             batch: list[int] = []
             for label in rng.choice(labels, size=self.p, replace=False):
                 members = self.members[int(label)]
                 replace = len(members) < self.k
                 batch += [int(i) for i in rng.choice(members, size=self.k, replace=replace)]
-            yield batch
+            if number >= skip:  # skipped batches are still drawn: the later ones must not change
+                yield batch
 
 
 # --------------------------------------------------------------------------- datamodule
-class FaceDataModule(pl.LightningDataModule):
+class FaceDataModule(BaseDataModule):
     """Training faces (identity folders or CSV), LFW-style verification pairs for validation/test, and a
     folder of faces to embed for ``predict``.
 
@@ -354,10 +377,14 @@ class FaceDataModule(pl.LightningDataModule):
         train_scale: the random-resized-crop scale range of training (aligned crops: keep it mild).
         num_workers: data-loading processes.
         skip_corrupt: skip undecodable training images (counted and logged) instead of failing.
-        seed: seed of the P×K sampler.
+        seed: seed of the P×K sampler and of the shuffling.
         predict_dir: a folder of aligned face images (searched recursively, sorted) that ``predict`` embeds;
             predicting needs neither the training faces nor the pairs.
+        mean, std: the model's normalisation.
     """
+
+    #: FaceImageDataset draws each sample's augmentation from the seed in its key (the ``shuffle`` sampler)
+    seeded_keys = True
 
     def __init__(
         self,
@@ -379,8 +406,10 @@ class FaceDataModule(pl.LightningDataModule):
         skip_corrupt: bool = False,
         seed: int = 0,
         predict_dir: str | None = None,
+        mean: tuple[float, float, float] = MINUS_ONE_ONE[0],
+        std: tuple[float, float, float] = MINUS_ONE_ONE[1],
     ) -> None:
-        super().__init__()
+        super().__init__(input_size, batch_size, num_workers, mean, std, predict_dir, seed)
         self.save_hyperparameters()
         self.train_dataset: FaceImageDataset | None = None
         self.val_dataset: PairImagesDataset | None = None
@@ -393,7 +422,10 @@ class FaceDataModule(pl.LightningDataModule):
         if pairs_dir is None:
             raise FaceDataError(f"{pairs_file}: pairs_dir (the folder of the pair images) is not set")
         pairs = parse_pairs(pairs_file, pairs_dir, self.hparams.image_ext)
-        return PairImagesDataset(pairs, ClassificationTransform(self.hparams.input_size, train=False))
+        return PairImagesDataset(pairs, self._eval_transform())
+
+    def _eval_transform(self) -> ClassificationTransform:
+        return ClassificationTransform(self.input_size, train=False, mean=self.mean, std=self.std)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -403,7 +435,9 @@ class FaceDataModule(pl.LightningDataModule):
             samples = load_face_samples(hp.train_dir, hp.train_csv)
             kept, _ = check_images([s.path for s in samples], hp.skip_corrupt, "training faces")
             samples = [samples[i] for i in kept]
-            transform = ClassificationTransform(hp.input_size, train=True, scale=tuple(hp.train_scale))
+            transform = ClassificationTransform(
+                self.input_size, train=True, mean=self.mean, std=self.std, scale=tuple(hp.train_scale)
+            )
             self.train_dataset = FaceImageDataset(samples, transform)
         if stage in ("fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._pairs_dataset(hp.pairs_file, hp.pairs_dir)
@@ -418,38 +452,35 @@ class FaceDataModule(pl.LightningDataModule):
 
     def _predict_images(self) -> ImageListDataset:
         hp = self.hparams
-        if not hp.predict_dir:
+        if not self.predict_dir:
             raise FaceDataError(
                 "predict needs predict_dir (data.init_args.predict_dir: a folder of face images)"
             )
-        paths = images_in_folder(hp.predict_dir, "predict_dir", FaceDataError)
+        paths = images_in_folder(self.predict_dir, "predict_dir", FaceDataError)
         # the pair images' eval preprocessing (resize, centre crop): faces are embedded as they are evaluated
-        transform = ClassificationTransform(hp.input_size, train=False)
-        return ImageListDataset(paths, None, transform, skip_corrupt=hp.skip_corrupt)
+        return ImageListDataset(paths, None, self._eval_transform(), skip_corrupt=hp.skip_corrupt)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        assert self.train_dataset is not None  # set by setup("fit")
-        common = dict(num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
         if hp.sampler == "pk":
             sampler = IdentityBalancedBatchSampler(
                 self.train_dataset.labels,
                 hp.identities_per_batch,
                 hp.images_per_identity,
                 hp.batches_per_epoch,
-                hp.seed,
+                self.seed,
             )
-            return DataLoader(self.train_dataset, batch_sampler=sampler, **common)
-        # drop a last partial batch (batch-norm statistics), unless that would leave no batch at all
-        drop_last = len(self.train_dataset) > hp.batch_size
-        return DataLoader(
-            self.train_dataset, batch_size=hp.batch_size, shuffle=True, drop_last=drop_last, **common
-        )
+            return self._loader(self.train_dataset, train=True, batch_sampler=sampler)
+        # the base drops a last partial batch (batch-norm statistics), unless that would leave no batch at all
+        return self._loader(self.train_dataset, train=True)
 
     def _eval_loader(self, dataset: PairImagesDataset | None) -> DataLoader | list:
         if dataset is None:
             return []
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return self._loader(dataset)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.val_dataset)
@@ -460,6 +491,4 @@ class FaceDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dataset is None:
             self.setup("predict")
-        return DataLoader(
-            self.predict_dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers
-        )
+        return self._loader(self.predict_dataset)

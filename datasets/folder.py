@@ -92,7 +92,7 @@ def read_label_csv(path: Path, image_root: Path | None = None) -> tuple[list[Pat
         raise DatasetLayoutError(f"{path}: CSV file not found; {CSV_LAYOUT}")
     base = image_root if image_root is not None else path.parent
     paths, labels = [], []
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM would rename the 'path' column
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise DatasetLayoutError(f"{path}: header is {reader.fieldnames}; {CSV_LAYOUT}")

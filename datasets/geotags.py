@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mobilenets.datasets.images import check_images, list_images, load_rgb
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.base import BaseDataModule, SampleKey
+from mobilenets.datasets.images import check_images, images_in_folder, load_rgb
 from mobilenets.datasets.s2cells import Partition
 from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransform
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 TSV_SUFFIXES = frozenset({".tsv", ".tab"})
 
 
-class GeotagError(ValueError):
+class GeotagError(MobilenetsError, ValueError):
     """A geotag file or row that cannot be used; the message names the file, the line and the problem."""
 
 
@@ -247,17 +248,18 @@ class GeotagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image = load_rgb(self.paths[index], min_size=self.transform.decode_size)
         return {
-            "image": self.transform(image),
+            "image": self.transform(image, np.random.default_rng(seed)),
             "label": int(self.labels[index]),
             "latlon": torch.from_numpy(self.latlon[index]),
             "path": str(self.paths[index]),
         }
 
 
-class GeotagDataModule(pl.LightningDataModule):
+class GeotagDataModule(BaseDataModule):
     """Geotag CSV/TSV files + image folder → batches labelled with the cells of a partition file.
 
     Training photos outside every kept cell (in discarded cells) are dropped and counted; validation and
@@ -266,14 +268,19 @@ class GeotagDataModule(pl.LightningDataModule):
     Args:
         partition: the cell CSV written by ``mobilenets geo partition`` (the same file as the model's).
         train_csv, val_csv, test_csv: geotag files (``image_column``, ``lat_column``, ``lon_column``).
-        predict: a geotag file (coordinates optional) or a folder of images to predict.
+        predict_dir: a folder of images to predict (searched recursively, sorted).
+        predict_csv: a geotag file to predict (coordinates optional; with them, distances are reported).
         image_root: folder the image column is relative to (default: each geotag file's folder).
         delimiter: field separator; default tab for .tsv/.tab files, else detected from the header.
         skip_invalid_rows: skip and count rows with bad coordinates instead of failing.
         skip_missing_images: skip and count rows whose image file does not exist instead of failing.
         skip_corrupt: check every image decodes at setup; skip and count the corrupt ones.
         input_size: the network's input resolution.
+        batch_size, num_workers, mean, std, seed: the ``BaseDataModule`` options.
     """
+
+    #: GeotagDataset draws each sample's augmentation from the seed in its key
+    seeded_keys = True
 
     def __init__(
         self,
@@ -281,7 +288,8 @@ class GeotagDataModule(pl.LightningDataModule):
         train_csv: str | None = None,
         val_csv: str | None = None,
         test_csv: str | None = None,
-        predict: str | None = None,
+        predict_dir: str | None = None,
+        predict_csv: str | None = None,
         image_root: str | None = None,
         image_column: str = "IMG_ID",
         lat_column: str = "LAT",
@@ -293,9 +301,13 @@ class GeotagDataModule(pl.LightningDataModule):
         input_size: int = 224,
         batch_size: int = 32,
         num_workers: int = 0,
+        mean: tuple[float, float, float] = MINUS_ONE_ONE[0],
+        std: tuple[float, float, float] = MINUS_ONE_ONE[1],
+        seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(input_size, batch_size, num_workers, mean, std, predict_dir, seed)
         self.save_hyperparameters()
+        self.predict_csv = predict_csv
         self.partition_path = partition
         self._partition: Partition | None = None
         self.datasets: dict[str, GeotagDataset] = {}
@@ -336,21 +348,18 @@ class GeotagDataModule(pl.LightningDataModule):
                 log.info("%s: %d training photos in discarded cells are not used", path, int(outside.sum()))
                 keep = np.flatnonzero(~outside)
                 table, paths, labels = table.subset(keep), [paths[k] for k in keep], labels[keep]
-        transform = ClassificationTransform(
-            hp.input_size, train=train, mean=MINUS_ONE_ONE[0], std=MINUS_ONE_ONE[1]
-        )
+        transform = ClassificationTransform(self.input_size, train=train, mean=self.mean, std=self.std)
         return GeotagDataset(paths, table.lat, table.lon, labels, transform)
 
-    def _load_predict(self, source: str) -> GeotagDataset:
-        path = Path(source)
-        if path.is_dir():
-            paths = list_images(path)
-            if not paths:
-                raise GeotagError(f"{path}: no image files found to predict")
+    def _load_predict(self) -> GeotagDataset:
+        if self.predict_dir:
+            paths = images_in_folder(self.predict_dir, "predict_dir", GeotagError)
             nan = np.full(len(paths), np.nan)
-            transform = ClassificationTransform(self.hparams.input_size, train=False)
+            transform = ClassificationTransform(self.input_size, train=False, mean=self.mean, std=self.std)
             return GeotagDataset(paths, nan, nan, np.full(len(paths), -1), transform)
-        return self._load(source, train=False, require_coordinates=False)
+        if self.predict_csv:
+            return self._load(self.predict_csv, train=False, require_coordinates=False)
+        raise GeotagError("predict needs predict_dir (a folder of images) or predict_csv (a geotag file)")
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -365,27 +374,16 @@ class GeotagDataModule(pl.LightningDataModule):
                 raise GeotagError("test_csv is required to test")
             self.datasets["test"] = self._load(hp.test_csv, train=False)
         if stage in (None, "predict") and "predict" not in self.datasets:
-            if not hp.predict:
-                raise GeotagError("predict (a geotag file or an image folder) is required to predict")
-            self.datasets["predict"] = self._load_predict(hp.predict)
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+            self.datasets["predict"] = self._load_predict()
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader(self.datasets["train"], train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val") if "val" in self.datasets else []
+        return self._loader(self.datasets["val"]) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.datasets["test"])
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+        return self._loader(self.datasets["predict"])

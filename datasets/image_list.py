@@ -1,19 +1,20 @@
-"""A list of (image path, target) pairs as decoded, transformed samples, and the base datamodule every
-image-label source shares (seeded validation split, resumable shuffling, workers, pinned memory,
-a predict source from a folder or a list file)."""
+"""A list of (image path, target) pairs as decoded, transformed samples, and the datamodule every
+image-label source shares (seeded validation split, a predict source from a folder or a list file; loaders,
+workers and resumable shuffling come from ``datasets/base.py``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.base import BaseDataModule, SampleKey
 from mobilenets.datasets.images import (
     Box,
     check_images,
@@ -25,11 +26,8 @@ from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransfor
 
 log = logging.getLogger(__name__)
 
-#: A sample index, or (index, seed) as yielded by ``EpochSeededSampler``.
-SampleKey = int | tuple[int, int]
 
-
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(MobilenetsError, FileNotFoundError):
     """A dataset folder or list file that is missing or not in the expected layout; the message names
     the path and shows the layout that was expected."""
 
@@ -122,33 +120,6 @@ def _clip_box(box: Box, width: int, height: int) -> Box:
     return (x0, y0, max(min(x1, float(width)), x0 + 1.0), max(min(y1, float(height)), y0 + 1.0))
 
 
-class EpochSeededSampler(Sampler):
-    """Shuffles ``length`` indices from ``(seed, epoch)`` and yields ``(index, sample seed)`` keys.
-
-    Lightning calls ``set_epoch`` before each epoch, so the order and every sample's augmentation are
-    a function of the seed and the epoch alone: a run resumed from a checkpoint sees exactly the
-    batches an uninterrupted run would, whatever the number of workers.
-    """
-
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.length = length
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.length) if self.shuffle else np.arange(self.length)
-        sample_seeds = rng.integers(0, 2**31 - 1, size=self.length)
-        return iter(zip(order.tolist(), sample_seeds[order].tolist()))
-
-
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices ``(train, val)``: ``fraction`` of each class (at least one image of any class with two or
     more) goes to validation, chosen with ``seed``."""
@@ -174,7 +145,7 @@ def read_path_list(path: Path) -> list[Path]:
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: predict list not found (expected a text file, one image per line)")
     paths = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():  # a BOM is not part of a path
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -183,9 +154,9 @@ def read_path_list(path: Path) -> list[Path]:
     return paths
 
 
-class ImageDataModule(pl.LightningDataModule):
-    """Base datamodule of the image-label sources: builds the split datasets once, loads them with
-    workers and pinned memory, shuffles resumably, and predicts on a folder or list of images.
+class ImageDataModule(BaseDataModule):
+    """Datamodule of the image-label sources: builds the split datasets once and predicts on a folder or
+    list of images (loaders, workers and resumable shuffling: ``BaseDataModule``).
 
     Subclasses implement ``load_splits()`` returning ``{"train": (paths, targets, boxes), "val": ...,
     "test": ...}`` (``val`` and ``test`` may be missing; boxes may be None) and set ``class_names``.
@@ -221,21 +192,9 @@ class ImageDataModule(pl.LightningDataModule):
         predict_list: str | None = None,
         train_scale: tuple[float, float] = (0.08, 1.0),
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.input_size = input_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        super().__init__(input_size, batch_size, num_workers, mean, std, predict_dir, seed, pin_memory)
         self.val_fraction = val_fraction
-        self.seed = seed
         self.skip_corrupt = skip_corrupt
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self.predict_dir = predict_dir
         self.predict_list = predict_list
         self.train_scale = tuple(train_scale)
         self.class_names: list[str] | None = None
@@ -321,35 +280,24 @@ class ImageDataModule(pl.LightningDataModule):
         raise DatasetLayoutError("set data predict_dir (a folder of images) or predict_list (a text file)")
 
     # ----------------------------------------------------------------- loaders
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    #: ImageListDataset draws each sample's augmentation from the seed in its key
+    seeded_keys = True
+
+    def _dataset(self, split: str) -> ImageListDataset:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
         if split not in self.datasets:
             raise DatasetLayoutError(f"this dataset has no {split} split")
-        dataset = self.datasets[split]
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        sampler = None
-        if not distributed:  # under DDP Lightning installs a DistributedSampler (seeded, per epoch)
-            sampler = EpochSeededSampler(len(dataset), seed=self.seed, shuffle=train)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train if sampler is None else None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=train and len(dataset) > self.batch_size,
-            persistent_workers=False,
-        )
+        return self.datasets[split]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self._loader(self._dataset("train"), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader(self._dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self._dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+        return self._loader(self._dataset("predict"))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.datasets.atomic import write_text_atomic
 
 MAX_LEVEL = 30
@@ -38,7 +39,7 @@ _CHUNK = 1 << 20
 _U64 = np.uint64
 
 
-class PartitionError(ValueError):
+class PartitionError(MobilenetsError, ValueError):
     """A partition file or partition request that is not valid; the message names the file and row."""
 
 
@@ -334,7 +335,7 @@ class Partition:
             raise PartitionError(
                 f"{path}: partition file not found (build one with 'mobilenets geo partition')"
             )
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # a BOM is not part of the header
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None:

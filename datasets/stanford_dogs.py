@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.datasets.image_list import DatasetLayoutError, ImageDataModule
 from mobilenets.datasets.images import Box
 
@@ -24,7 +25,7 @@ EXPECTED_LAYOUT = """expected the Stanford Dogs layout:
   <root>/lists/train_list.mat, <root>/lists/test_list.mat   (file_list, annotation_list, labels)"""
 
 
-class AnnotationError(ValueError):
+class AnnotationError(MobilenetsError, ValueError):
     """A PASCAL-VOC annotation file that cannot be read; the message names the file and element."""
 
 

@@ -23,13 +23,13 @@ from mobilenets.datasets.celeba import (
     parse_attribute_file,
     read_celeba,
 )
-from mobilenets.datasets.synthetic_faces_attributes import write_synthetic_celeba, write_unlabeled_faces
+from mobilenets.datasets.synthetic.celeba import make_celeba, make_unlabeled_faces
 
 
 @pytest.fixture(scope="module")
 def celeba(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     root = tmp_path_factory.mktemp("celeba")
-    labels = write_synthetic_celeba(root, 20, size=(40, 48), fractions=(0.6, 0.2))
+    labels = make_celeba(root, 20, size=(40, 48), fractions=(0.6, 0.2))
     return root, labels
 
 
@@ -141,7 +141,7 @@ def test_dataset_sample(celeba: tuple[Path, np.ndarray]) -> None:
 
 def test_datamodule_with_nested_unlabeled_folder(celeba: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     root, _ = celeba
-    extra = write_unlabeled_faces(tmp_path / "extra", 5, size=(40, 48))
+    extra = make_unlabeled_faces(tmp_path / "extra", 5, size=(40, 48))
     assert any("sub" in str(p) for p in extra)
     dm = CelebADataModule(
         str(root), input_size=32, batch_size=4, num_workers=0, unlabeled_dirs=[str(tmp_path / "extra")]

@@ -20,7 +20,7 @@ from mobilenets.datasets.coco import (
     detection_collate,
     load_coco_json,
 )
-from mobilenets.datasets.synthetic_detection import SHAPE_CATEGORIES, make_shapes_coco
+from mobilenets.datasets.synthetic.coco import SHAPE_CATEGORIES, make_coco_shapes
 from mobilenets.datasets.transforms import DetectionTransform, ssd_random_crop
 
 
@@ -119,7 +119,7 @@ def test_missing_image_error_or_skip_with_count(tmp_path: Path) -> None:
 
 
 def test_collate_keeps_images_of_different_sizes(tmp_path: Path) -> None:
-    make_shapes_coco(tmp_path, {"val": 4}, size_range=(64, 96))
+    make_coco_shapes(tmp_path, {"val": 4}, size_range=(64, 96))
     dm = CocoDataModule(str(tmp_path), train_split="val", val_split="val", batch_size=4, num_workers=0)
     dm.setup("validate")
     images, targets = next(iter(dm.val_dataloader()))

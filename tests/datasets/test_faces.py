@@ -18,7 +18,7 @@ from mobilenets.datasets.faces import (
     read_identity_csv,
     scan_identity_folders,
 )
-from mobilenets.datasets.synthetic_faces import make_identity_folders, make_pairs_file
+from mobilenets.datasets.synthetic.faces import make_identity_folders, make_lfw_pairs
 from mobilenets.datasets.transforms import ClassificationTransform
 
 
@@ -26,7 +26,7 @@ from mobilenets.datasets.transforms import ClassificationTransform
 def lfw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lfw")
     make_identity_folders(root / "images", num_identities=12, images_per_identity=(1, 4), size=40, seed=1)
-    make_pairs_file(root / "pairs.txt", root / "images", folds=3, pairs_per_fold=2, seed=1)
+    make_lfw_pairs(root / "pairs.txt", root / "images", folds=3, pairs_per_fold=2, seed=1)
     return root
 
 

@@ -14,7 +14,6 @@ from mobilenets.datasets import images
 from mobilenets.datasets.folder import CsvDataModule, FolderDataModule
 from mobilenets.datasets.image_list import (
     DatasetLayoutError,
-    EpochSeededSampler,
     ImageDataModule,
     ImageListDataset,
 )
@@ -26,11 +25,11 @@ from mobilenets.datasets.images import (
     load_rgb,
     load_rgb_region,
 )
-from mobilenets.datasets.synthetic import (
+from mobilenets.datasets.synthetic.folder import (
+    make_colour_mode_variants,
     make_image_folder,
     make_label_csv,
-    write_colour_mode_variants,
-    write_truncated_jpeg,
+    make_truncated_jpeg,
 )
 from mobilenets.datasets.transforms import ClassificationTransform
 
@@ -89,7 +88,7 @@ def test_csv_labels_and_errors(tmp_path: Path) -> None:
 
 
 def test_colour_modes_become_rgb(tmp_path: Path) -> None:
-    paths = write_colour_mode_variants(tmp_path)
+    paths = make_colour_mode_variants(tmp_path)
     for path in paths:
         image = load_rgb(path)
         assert image.shape == (48, 64, 3) and image.dtype == np.uint8, path.name
@@ -103,7 +102,7 @@ def test_colour_modes_become_rgb(tmp_path: Path) -> None:
 
 def test_corrupt_images_raise_or_are_skipped_and_counted(tmp_path: Path, caplog) -> None:
     make_image_folder(tmp_path / "data", ["a", "b"], per_class=3, size=(64, 48))
-    truncated = write_truncated_jpeg(tmp_path / "data" / "a" / "broken.jpg", size=(64, 48))
+    truncated = make_truncated_jpeg(tmp_path / "data" / "a" / "broken.jpg", size=(64, 48))
     (tmp_path / "data" / "b" / "garbage.jpg").write_bytes(b"not an image at all")
     with pytest.raises(CorruptImageError, match=r"broken.jpg: cannot decode image"):
         load_rgb(truncated)
@@ -207,16 +206,6 @@ def test_train_transform_is_reproducible_from_a_seed() -> None:
     assert torch.equal(first, transform(image, np.random.default_rng(7)))
     assert not torch.equal(first, transform(image, np.random.default_rng(8)))
     assert first.shape == (3, 48, 48) and float(first.min()) >= -1.0 and float(first.max()) <= 1.0
-
-
-def test_epoch_seeded_sampler_depends_on_seed_and_epoch_only() -> None:
-    sampler = EpochSeededSampler(10, seed=3)
-    epoch0 = list(sampler)
-    assert sorted(i for i, _ in epoch0) == list(range(10))
-    assert list(EpochSeededSampler(10, seed=3)) == epoch0
-    sampler.set_epoch(1)
-    assert list(sampler) != epoch0
-    assert [i for i, _ in EpochSeededSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
 
 
 def test_predict_from_a_folder_or_a_list(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ import torch
 
 from mobilenets.datasets.geotags import GeotagDataModule, GeotagError, read_geotags, resolve_image_paths
 from mobilenets.datasets.s2cells import build_partition
-from mobilenets.datasets.synthetic_geo import write_geotag_dataset
+from mobilenets.datasets.synthetic.geotags import make_geotags
 
 
 def test_reads_mp16_style_csv_and_tsv_with_custom_columns(tmp_path) -> None:
@@ -70,7 +70,7 @@ def test_missing_image_files_raise_or_are_skipped(tmp_path) -> None:
 
 
 def test_datamodule_labels_photos_with_the_partition(tmp_path) -> None:
-    data = write_geotag_dataset(
+    data = make_geotags(
         tmp_path, num_regions=3, train_per_region=10, val_per_region=2, test_per_region=2, image_size=32
     )
     train = read_geotags(data.train_csv)

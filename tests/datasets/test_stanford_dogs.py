@@ -19,7 +19,8 @@ from mobilenets.datasets.stanford_dogs import (
     read_annotation_box,
     read_split,
 )
-from mobilenets.datasets.synthetic import class_colour, make_stanford_dogs
+from mobilenets.datasets.synthetic.drawing import class_colour
+from mobilenets.datasets.synthetic.stanford_dogs import make_stanford_dogs
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""Synthetic "faces" in LFW's layout for tests and the demo: one folder per identity, each identity a distinct
+"""Generated "faces" in LFW's layout for tests and the demo: one folder per identity, each identity a distinct
 drawn configuration (face shape, skin, eyes, brows, nose, mouth, hair, glasses, background), each image of
 it that configuration with per-image jitter (pose shift and tilt, lighting, expression, noise), plus an
-LFW-style ``pairs.txt``."""
+LFW-style ``pairs.txt``. With ``clutter`` the background is a per-photo textured scene (no identity cue)
+and pose, scale and lighting vary more, as in LFW's photos."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mobilenets.datasets.faces import lfw_image_path, write_pairs
+from mobilenets.datasets.synthetic.drawing import add_noise, ellipse_box, random_colour, textured_background
 
 
 @dataclass(frozen=True)
@@ -36,17 +38,14 @@ class FaceIdentity:
     glasses: bool
 
 
-def _colour(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
-    return tuple(int(c) for c in rng.integers(low, high, size=3))  # type: ignore[return-value]
-
-
 def random_identity(name: str, rng: np.random.Generator) -> FaceIdentity:
+    """A new person: every trait of the drawing drawn at random."""
     return FaceIdentity(
         name=name,
-        skin=_colour(rng, 90, 250),
-        hair=_colour(rng, 0, 200),
-        background=_colour(rng, 0, 256),
-        eye_colour=_colour(rng, 0, 160),
+        skin=random_colour(rng, 90, 250),
+        hair=random_colour(rng, 0, 200),
+        background=random_colour(rng, 0, 256),
+        eye_colour=random_colour(rng, 0, 160),
         face_width=float(rng.uniform(0.28, 0.40)),
         face_height=float(rng.uniform(0.36, 0.46)),
         eye_spacing=float(rng.uniform(0.09, 0.17)),
@@ -61,59 +60,67 @@ def random_identity(name: str, rng: np.random.Generator) -> FaceIdentity:
     )
 
 
-def draw_face(identity: FaceIdentity, size: int, rng: np.random.Generator) -> Image.Image:
-    """One photo of ``identity``: its configuration under a random pose, lighting and expression."""
+def draw_face(
+    identity: FaceIdentity, size: int, rng: np.random.Generator, clutter: bool = False
+) -> Image.Image:
+    """One photo of ``identity``: its configuration under a random pose, lighting and expression; with
+    ``clutter`` on a random textured background, at a random scale and a larger shift and tilt."""
     scale = 4  # draw large, then downsample: smooth edges
     canvas = size * scale
-    image = Image.new("RGB", (canvas, canvas), identity.background)
+    fill = identity.background  # also what rotation uncovers
+    if clutter:
+        scene = textured_background(rng, size, size)
+        image = Image.fromarray(scene).resize((canvas, canvas), Image.NEAREST)
+        fill = tuple(int(c) for c in scene.reshape(-1, 3).mean(axis=0))
+    else:
+        image = Image.new("RGB", (canvas, canvas), fill)
     draw = ImageDraw.Draw(image)
-    cx = canvas * (0.5 + rng.uniform(-0.04, 0.04))
-    cy = canvas * (0.5 + rng.uniform(-0.04, 0.04))
-    fw, fh = identity.face_width * canvas, identity.face_height * canvas
-
-    def box(x: float, y: float, rx: float, ry: float) -> tuple[float, float, float, float]:
-        return (x - rx, y - ry, x + rx, y + ry)
+    shift, zoom, tilt_range = (0.08, rng.uniform(0.85, 1.1), 12) if clutter else (0.04, 1.0, 8)
+    cx = canvas * (0.5 + rng.uniform(-shift, shift))
+    cy = canvas * (0.5 + rng.uniform(-shift, shift))
+    unit = canvas * zoom  # the face's own scale
+    fw, fh = identity.face_width * unit, identity.face_height * unit
 
     # hair behind the face
     if identity.hair_style == 1:
-        draw.ellipse(box(cx, cy - 0.1 * fh, 1.15 * fw, 1.05 * fh), fill=identity.hair)
+        draw.ellipse(ellipse_box(cx, cy - 0.1 * fh, 1.15 * fw, 1.05 * fh), fill=identity.hair)
     elif identity.hair_style == 2:
         draw.rectangle((cx - 1.1 * fw, cy - 1.1 * fh, cx + 1.1 * fw, cy + 0.6 * fh), fill=identity.hair)
-    draw.ellipse(box(cx, cy, fw, fh), fill=identity.skin)
+    draw.ellipse(ellipse_box(cx, cy, fw, fh), fill=identity.skin)
     if identity.hair_style in (0, 2):
-        draw.chord(box(cx, cy - 0.15 * fh, fw, 0.95 * fh), 180, 360, fill=identity.hair)
+        draw.chord(ellipse_box(cx, cy - 0.15 * fh, fw, 0.95 * fh), 180, 360, fill=identity.hair)
     elif identity.hair_style == 3:
-        draw.pieslice(box(cx, cy - 0.5 * fh, 0.7 * fw, 0.6 * fh), 180, 360, fill=identity.hair)
-    ey = cy + identity.eye_height * canvas
-    es = identity.eye_size * canvas
+        draw.pieslice(ellipse_box(cx, cy - 0.5 * fh, 0.7 * fw, 0.6 * fh), 180, 360, fill=identity.hair)
+    ey = cy + identity.eye_height * unit
+    es = identity.eye_size * unit
     for side in (-1, 1):
-        ex = cx + side * identity.eye_spacing * canvas
-        draw.ellipse(box(ex, ey, 1.4 * es, es), fill=(245, 245, 245))
-        draw.ellipse(box(ex, ey, 0.7 * es, 0.7 * es), fill=identity.eye_colour)
-        tilt = side * identity.brow_tilt * canvas
+        ex = cx + side * identity.eye_spacing * unit
+        draw.ellipse(ellipse_box(ex, ey, 1.4 * es, es), fill=(245, 245, 245))
+        draw.ellipse(ellipse_box(ex, ey, 0.7 * es, 0.7 * es), fill=identity.eye_colour)
+        tilt = side * identity.brow_tilt * unit
         draw.line(
             (ex - 1.6 * es, ey - 1.8 * es + tilt, ex + 1.6 * es, ey - 1.8 * es - tilt),
             fill=identity.hair,
             width=max(2, scale * 2),
         )
         if identity.glasses:
-            draw.ellipse(box(ex, ey, 2.2 * es, 1.8 * es), outline=(20, 20, 20), width=scale)
-    nose_top, nose_bottom = ey + 0.5 * es, ey + identity.nose_length * canvas
+            draw.ellipse(ellipse_box(ex, ey, 2.2 * es, 1.8 * es), outline=(20, 20, 20), width=scale)
+    nose_top, nose_bottom = ey + 0.5 * es, ey + identity.nose_length * unit
     shade = tuple(int(c * 0.75) for c in identity.skin)
     draw.polygon(
         [(cx, nose_top), (cx - 0.3 * es - 2, nose_bottom), (cx + 0.3 * es + 2, nose_bottom)], fill=shade
     )
-    my = nose_bottom + 0.08 * canvas
-    mw = identity.mouth_width * canvas
-    curve = (identity.mouth_curve + rng.uniform(-0.02, 0.02)) * canvas
+    my = nose_bottom + 0.08 * unit
+    mw = identity.mouth_width * unit
+    curve = (identity.mouth_curve + rng.uniform(-0.02, 0.02)) * unit
     points = [(cx + mw * t, my + curve * (1 - t * t)) for t in np.linspace(-1, 1, 9)]
     draw.line(points, fill=(150, 40, 50), width=max(2, scale * 2))
 
-    image = image.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR, fillcolor=identity.background)
+    image = image.rotate(rng.uniform(-tilt_range, tilt_range), resample=Image.BILINEAR, fillcolor=fill)
     image = image.resize((size, size), Image.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels * rng.uniform(0.8, 1.2) + rng.uniform(-15, 15) + rng.normal(0, 4, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    lit = pixels * rng.uniform(0.8, 1.2) + rng.uniform(-15, 15)  # lighting: gain and offset
+    return Image.fromarray(add_noise(lit.astype(np.float64), rng, 4))
 
 
 def make_identity_folders(
@@ -123,10 +130,12 @@ def make_identity_folders(
     size: int = 64,
     seed: int = 0,
     prefix: str = "Person",
+    clutter: bool = False,
 ) -> list[FaceIdentity]:
-    """Write ``root/<Name>/<Name>_0001.jpg`` … for ``num_identities`` synthetic people.
+    """Write ``root/<Name>/<Name>_0001.jpg`` … for ``num_identities`` generated people.
 
-    ``images_per_identity`` is a count or a (min, max) range drawn per identity (LFW's counts vary).
+    ``images_per_identity`` is a count or a (min, max) range drawn per identity (LFW's counts vary);
+    ``clutter``: see ``draw_face``.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -141,11 +150,11 @@ def make_identity_folders(
         for number in range(1, count + 1):
             path = lfw_image_path(root, identity.name, number)
             path.parent.mkdir(parents=True, exist_ok=True)
-            draw_face(identity, size, rng).save(path, quality=92)
+            draw_face(identity, size, rng, clutter).save(path, quality=92)
     return identities
 
 
-def make_pairs_file(
+def make_lfw_pairs(
     pairs_path: str | Path, images_root: str | Path, folds: int = 10, pairs_per_fold: int = 10, seed: int = 0
 ) -> None:
     """An LFW-style ``pairs.txt`` over the identity folders in ``images_root``.

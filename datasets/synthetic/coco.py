@@ -3,12 +3,12 @@
 ``root/<split>/<file_name>.png`` and ``root/annotations/instances_<split>.json`` with ``images``,
 ``annotations`` (``bbox`` as ``[x, y, w, h]``, polygon ``segmentation``, ``area``, ``iscrowd``) and
 ``categories`` whose ids are deliberately non-contiguous, so the id ↔ label mapping is exercised. Some
-images hold no object (negatives); image sizes vary so batches mix sizes.
+images hold no object (negatives); image sizes vary so batches mix sizes. Also a COCO-val-sized ground
+truth with detector-like results (no images) for timing and checking evaluators.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,44 +16,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mobilenets.datasets.atomic import write_json_atomic
+from mobilenets.datasets.synthetic.drawing import shape_area, shape_polygon, textured_background
 
-#: (COCO-style category id, name): ids skip numbers on purpose, as COCO's own do.
+#: (COCO-style category id, shape): ids skip numbers on purpose, as COCO's own do.
 SHAPE_CATEGORIES: tuple[tuple[int, str], ...] = ((3, "rectangle"), (7, "ellipse"), (12, "triangle"))
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A textured background: a colour gradient, low-frequency blobs, stripes and pixel noise."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(40, 200, size=3)
-    slope = rng.uniform(-0.4, 0.4, size=(2, 3))
-    image = base + xx[..., None] * slope[0] + yy[..., None] * slope[1]
-    coarse = rng.normal(0, 18, size=(height // 16 + 2, width // 16 + 2, 3))
-    image += np.kron(coarse, np.ones((16, 16, 1)))[:height, :width]
-    period = rng.uniform(6, 20)
-    angle = rng.uniform(0, math.pi)
-    stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-    image += stripes[..., None] * rng.uniform(4, 14)
-    image += rng.normal(0, 6, size=image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def _shape_polygon(kind: str, x: float, y: float, w: float, h: float) -> list[tuple[float, float]]:
-    if kind == "rectangle":
-        return [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
-    if kind == "triangle":
-        return [(x + w / 2, y), (x + w, y + h), (x, y + h)]
-    cx, cy = x + w / 2, y + h / 2
-    return [
-        (cx + w / 2 * math.cos(t), cy + h / 2 * math.sin(t))
-        for t in np.linspace(0, 2 * math.pi, 24, endpoint=False)
-    ]
-
-
-def _shape_area(kind: str, w: float, h: float) -> float:
-    return {"rectangle": w * h, "triangle": 0.5 * w * h, "ellipse": math.pi * w * h / 4}[kind]
-
-
-def make_shapes_split(
+def make_coco_shapes_split(
     root: Path,
     split: str,
     num_images: int,
@@ -75,7 +44,7 @@ def make_shapes_split(
         image_id = first_image_id + index
         width = int(rng.integers(size_range[0], size_range[1] + 1))
         height = int(rng.integers(size_range[0], size_range[1] + 1))
-        canvas = Image.fromarray(_background(rng, height, width))
+        canvas = Image.fromarray(textured_background(rng, height, width))
         draw = ImageDraw.Draw(canvas)
         count = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_objects + 1))
         for _ in range(count):
@@ -85,7 +54,7 @@ def make_shapes_split(
             h = float(np.clip(w * rng.uniform(0.6, 1.6), 0.18 * side, 0.7 * side))
             x = float(rng.uniform(0, width - w))
             y = float(rng.uniform(0, height - h))
-            polygon = _shape_polygon(kind, x, y, w, h)
+            polygon = shape_polygon(kind, x, y, w, h)
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
             outline = tuple(255 - c for c in colour)
             draw.polygon(polygon, fill=colour, outline=outline)
@@ -95,7 +64,7 @@ def make_shapes_split(
                     "image_id": image_id,
                     "category_id": category_id,
                     "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
-                    "area": round(_shape_area(kind, w, h), 2),
+                    "area": round(shape_area(kind, w, h), 2),
                     "iscrowd": 0,
                     "segmentation": [[round(c, 2) for point in polygon for c in point]],
                 }
@@ -116,7 +85,7 @@ def make_shapes_split(
     return path
 
 
-def make_shapes_coco(
+def make_coco_shapes(
     root: Path,
     splits: dict[str, int] | None = None,
     seed: int = 0,
@@ -128,7 +97,7 @@ def make_shapes_coco(
     splits = splits or {"train": 64, "val": 16}
     next_id = 1
     for offset, (split, count) in enumerate(splits.items()):
-        make_shapes_split(
+        make_coco_shapes_split(
             root,
             split,
             count,
@@ -142,7 +111,7 @@ def make_shapes_coco(
     return Path(root)
 
 
-def make_eval_set(
+def make_coco_eval_set(
     num_images: int = 5000,
     dets_per_image: int = 100,
     num_categories: int = 80,
