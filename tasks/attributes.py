@@ -22,6 +22,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,30 +34,34 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from mobilenets.datasets.atomic import atomic_path, write_csv_atomic
-from mobilenets.datasets.celeba import attribute_transform
-from mobilenets.datasets.images import load_rgb
-from mobilenets.datasets.transforms import CROP_FRACTION
 from mobilenets.tasks.base import BaseTask, Stage
-from mobilenets.tasks.deploy.export import parse_name_list
+from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
+from mobilenets.tasks.figures import pyplot, save_figure
+from mobilenets.tasks.paper import TABLE12, PaperRow, mobilenet_row, table_row
 from mobilenets.tasks.prediction_files import multilabel_rows, predict_output_path
-from mobilenets.tasks.teacher import Teacher, TeacherCache, cached_teacher_outputs
+from mobilenets.tasks.teacher import (
+    Teacher,
+    TeacherCache,
+    TeacherInputs,
+    cached_teacher_outputs,
+    teacher_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
 TeacherMode = Literal["cached", "online"]
 
-#: Table 12: (α, input size) → (mean AP %, million mult-adds, million parameters).
+#: The paper's teacher ("baseline" of Table 12): not a MobileNet.
+BASELINE_ROW = table_row(12, "Baseline (teacher)")
+#: Views of Table 12 (``tasks/paper.py``) for the demo: (α, input size) → (mean AP %, million mult-adds,
+#: million parameters), and the baseline's (mean AP %, million mult-adds, million parameters).
 PAPER_TABLE12: dict[tuple[float, int], tuple[float, float, float]] = {
-    (1.0, 224): (88.7, 568, 3.2),
-    (0.5, 224): (88.1, 149, 0.8),
-    (0.25, 224): (87.2, 45, 0.2),
-    (1.0, 128): (88.1, 185, 3.2),
-    (0.5, 128): (87.7, 48, 0.8),
-    (0.25, 128): (86.4, 15, 0.2),
+    (row.width_mult, row.input_size): (row.metric, *row.figures)  # type: ignore[misc]
+    for row in TABLE12
+    if row.width_mult is not None and row.input_size is not None and row.figures is not None
 }
-#: The paper's teacher ("baseline"): not a MobileNet; 86.9% mean AP, 1600 M mult-adds, 7.5 M parameters.
-PAPER_BASELINE = (86.9, 1600.0, 7.5)
+PAPER_BASELINE = (BASELINE_ROW.metric, *BASELINE_ROW.figures)  # type: ignore[misc]
 
 
 class AttributeMeanAP(MultilabelAveragePrecision):
@@ -88,17 +93,6 @@ def emulation_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.T
     return F.binary_cross_entropy_with_logits(student_logits, teacher_probs)
 
 
-class TeacherBatch:
-    """Image paths → the teacher's input batch (a picklable callable, so loader workers can run it)."""
-
-    def __init__(self, transform: Any) -> None:
-        self.transform = transform
-
-    def __call__(self, paths: Sequence[Path]) -> torch.Tensor:
-        size = getattr(self.transform, "decode_size", None)
-        return torch.stack([self.transform(load_rgb(path, min_size=size)) for path in paths])
-
-
 class AttributeModel(BaseTask):
     """A MobileNet predicting ``num_attributes`` binary face attributes (CelebA's 40).
 
@@ -124,6 +118,8 @@ class AttributeModel(BaseTask):
             ``weight_decay: 0`` (the paper: distillation needs no regularisation).
     """
 
+    output_options = ("predictions_file",)
+
     def __init__(
         self,
         num_attributes: int = 40,
@@ -146,10 +142,6 @@ class AttributeModel(BaseTask):
                 f"attribute_names has {len(attribute_names)} names, num_attributes is {num_attributes}"
             )
         super().__init__(**kwargs)
-        # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
-        # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
-        self.predictions_file = predictions_file
-        self.hparams.pop("predictions_file", None)
         self.last_predictions_path: Path | None = None
         self._predict_paths: list[str] = []
         self._predict_logits: list[torch.Tensor] = []
@@ -176,36 +168,25 @@ class AttributeModel(BaseTask):
         names = self.hparams.get("attribute_names")
         return list(names) if names else [f"attribute_{i}" for i in range(self.hparams.num_attributes)]
 
-    def paper_figures(self) -> tuple[float, float] | None:
-        row = PAPER_TABLE12.get((float(self.hparams.width_mult), int(self.hparams.input_size)))
-        return (row[1], row[2]) if row else None
+    def paper_row(self) -> PaperRow | None:
+        """Table 12's row of this α and input size, if the paper prints one."""
+        return mobilenet_row(12, self.hparams.width_mult, self.hparams.input_size)
 
     def paper_mean_ap(self) -> float | None:
-        row = PAPER_TABLE12.get((float(self.hparams.width_mult), int(self.hparams.input_size)))
-        return row[0] if row else None
+        row = self.paper_row()
+        return row.metric if row else None
 
     def export_module(self) -> nn.Module:
         return self.backbone
 
-    def export_metadata(self) -> dict[str, str]:
-        return {
-            **super().export_metadata(),
-            "attributes": ",".join(self.attribute_names),
-            "outputs": "one logit per attribute (sigmoid gives its probability)",
-        }
+    def export_record(self) -> ExportMetadata:
+        record = replace(super().export_record(), attribute_names=tuple(self.attribute_names))
+        return record.with_properties(outputs="one logit per attribute (sigmoid gives its probability)")
 
     # ------------------------------------------------------------------ teacher
     @property
     def distilling(self) -> bool:
         return self.hparams.teacher is not None
-
-    def teacher_preprocessing(self, teacher: Teacher) -> tuple[Any, str]:
-        """The teacher's eval transform and the key that names it in the cache."""
-        size = self.hparams.teacher_input_size or teacher.input_size or self.hparams.input_size
-        mean, std = teacher.mean or self.normalization[0], teacher.std or self.normalization[1]
-        transform = attribute_transform(size, train=False, mean=mean, std=std)
-        key = f"attributes-eval-{size}-crop{CROP_FRACTION}-mean{tuple(mean)}-std{tuple(std)}"
-        return transform, key
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -230,23 +211,19 @@ class AttributeModel(BaseTask):
             )
         if self._teacher is None:
             self._teacher = Teacher.load(teacher_path, expected_outputs=self.hparams.num_attributes)
-        transform, key = self.teacher_preprocessing(self._teacher)
+        inputs = TeacherInputs.of(self._teacher, self.hparams.teacher_input_size, self)
         if self.hparams.teacher_mode == "online":
-            datamodule.set_teacher_transform(transform)
+            datamodule.set_teacher_transform(inputs.transform())
             return
         if self._teacher_cache is not None:
             return
-        cache_dir = Path(
-            self.hparams.teacher_cache_dir or Path(self.trainer.default_root_dir) / "teacher_cache"
-        )
         workers = int(getattr(datamodule, "hparams", {}).get("num_workers", 0))
-
         self._teacher_cache = cached_teacher_outputs(
             self._teacher,
             datamodule.image_paths,
-            key,
-            TeacherBatch(transform),
-            cache_dir,
+            inputs.key,
+            inputs.batch(),
+            teacher_cache_dir(self.hparams.teacher_cache_dir, self.trainer),
             batch_size=self.hparams.teacher_batch_size,
             activation="sigmoid",
             num_workers=workers,
@@ -306,10 +283,10 @@ class AttributeModel(BaseTask):
                 self.test_attribute_ap.update(probs, target)
         return loss
 
-    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+    def adopt_export(self, path: Path, metadata: ExportMetadata, network: nn.Module) -> None:
         """Take the export's attribute names; its attribute count must be this config's."""
 
-        names = parse_name_list(metadata.get("attribute_names") or metadata.get("attributes"))
+        names = list(metadata.attribute_names or ())
         if not names:
             return
         if len(names) != self.hparams.num_attributes:
@@ -333,7 +310,7 @@ class AttributeModel(BaseTask):
         count = self.hparams.num_attributes
         logits = torch.cat(self._predict_logits) if self._predict_logits else torch.zeros(0, count)
         rows = multilabel_rows(self._predict_paths, logits.numpy(), self.attribute_names, present_column=True)
-        path = predict_output_path(self.trainer, self.predictions_file, "predictions.csv")
+        path = predict_output_path(self.trainer, self.hparams.get("predictions_file"), "predictions.csv")
         write_csv_atomic(path, rows)
         self.last_predictions_path = path
         self._predict_paths, self._predict_logits = [], []
@@ -363,18 +340,22 @@ class AttributeModel(BaseTask):
             f"{'ours: ' + name:<34}{mean_ap:>8.1%}{profile.million_mult_adds:>13.1f}"
             f"{profile.million_parameters:>10.2f}",
         ]
-        row = PAPER_TABLE12.get((float(hp.width_mult), int(hp.input_size)))
-        if row:
-            mult_adds_diff = (profile.million_mult_adds - row[1]) / row[1]
-            params_diff = (profile.million_parameters - row[2]) / row[2]
+        row = self.paper_row()
+        if row and row.figures:
+            paper_madds, paper_params = row.figures
+            mult_adds_diff = (profile.million_mult_adds - paper_madds) / paper_madds
+            params_diff = (profile.million_parameters - paper_params) / paper_params
             lines.append(
-                f"{'paper: ' + f'{hp.width_mult:g} MobileNet-{hp.input_size}':<34}{row[0]:>8.1f}%{row[1]:>13.0f}{row[2]:>10.1f}"
+                f"{'paper: ' + f'{hp.width_mult:g} MobileNet-{hp.input_size}':<34}{row.metric:>8.1f}%"
+                f"{paper_madds:>13.0f}{paper_params:>10.1f}"
             )
             lines.append(
                 f"{'difference (ours vs paper)':<34}{'':>9}{mult_adds_diff:>+13.1%}{params_diff:>+10.1%}"
             )
+        baseline_madds, baseline_params = BASELINE_ROW.figures or (math.nan, math.nan)
         lines.append(
-            f"{'paper: baseline (teacher)':<34}{PAPER_BASELINE[0]:>8.1f}%{PAPER_BASELINE[1]:>13.0f}{PAPER_BASELINE[2]:>10.1f}"
+            f"{'paper: baseline (teacher)':<34}{BASELINE_ROW.metric:>8.1f}%{baseline_madds:>13.0f}"
+            f"{baseline_params:>10.1f}"
         )
         return "\n".join(lines)
 
@@ -394,12 +375,8 @@ def write_attribute_ap(
             for name, ap, count in zip(names, values, positives.tolist()):
                 writer.writerow([name, "" if math.isnan(ap) else f"{ap:.4f}", int(count)])
 
-    def write_png(tmp: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def write_png() -> None:
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(12, 4.5))
         shown = [0.0 if math.isnan(v) else v for v in values]
         ax.bar(range(len(values)), shown, color="#4477aa")
@@ -411,11 +388,9 @@ def write_attribute_ap(
         ax.set_title("Per-attribute average precision (test partition)")
         ax.legend(loc="lower right")
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, png_path, dpi=110)
 
     with atomic_path(csv_path, ".csv") as temp:
         write_csv(temp)
-    with atomic_path(png_path, ".png") as temp:
-        write_png(temp)
+    write_png()
     return csv_path, png_path

@@ -13,10 +13,14 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.mobilenet import Activation, MobileNetV1, Padding
 from mobilenets.backbone.profile import Profile, profile_model
 from mobilenets.backbone.weights import load_pretrained
+from mobilenets.tasks.batchnorm import BatchNormStatistics
+from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import OnnxNetwork, check_export_metadata
+from mobilenets.tasks.paper import PaperRow
 
 Stage = Literal["train", "val", "test"]
 OptimizerName = Literal["rmsprop", "sgd", "adamw"]
@@ -53,7 +57,7 @@ class StageMetrics(nn.Module):
         return f"{stage}_metrics" in self._modules
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MobilenetsError, ValueError):
     """A checkpoint file that cannot be read as expected; the message names the file."""
 
 
@@ -63,6 +67,11 @@ MOVED_TASK_CLASSES = {
     "mobilenets.tasks.embedding.FaceEmbedder": "mobilenets.tasks.faces.embedding.FaceEmbedder",
     "mobilenets.tasks.detection.SSDDetection": "mobilenets.tasks.detection.ssd.SSDDetection",
     "mobilenets.tasks.detection.FasterRCNNDetection": "mobilenets.tasks.detection.faster_rcnn.FasterRCNNDetection",
+}
+#: Hyperparameters renamed since checkpoints were written: ``load_task`` reads the old name as the new one.
+RENAMED_HYPERPARAMETERS = {
+    "recompute_bn_batches": "precise_bn_batches",  # DetectionTask
+    "recalibrate_bn_batches": "precise_bn_batches",  # FaceEmbedder
 }
 
 
@@ -124,7 +133,22 @@ class BaseTask(pl.LightningModule):
         warmup_epochs: linear warm-up from 1% of ``lr``, counted in (fractional) epochs of optimizer steps.
         step_epochs: epochs between steps of the ``step`` schedule.
         step_gamma: factor of the ``step`` schedule.
+        precise_bn_batches: "precise BN": before each validation of a fit, and at the end of each training
+            epoch, set every batch norm's running statistics to the exact average over this many training
+            batches (0: off). Short runs need it: their running averages lag far behind the quickly
+            changing weights.
+        folded_bn_batches: when ``weights`` come with batch norm folded into the convolutions (TFLite,
+            e.g. ``official:0.25_128``), measure real statistics for those batch norms on this many training
+            batches before the first training step (eval-mode outputs stay the same; 0: leave them folded,
+            which makes training-mode batch norm discard what the folded weights computed).
+
+    Output locations (``output_options``: prediction files, plot folders) are not part of the model: they
+    are kept out of checkpoints, so that LightningCLI, which copies a checkpoint's hyperparameters over the
+    config for ``--ckpt_path``, cannot replace the ones given for test or predict.
     """
+
+    #: init arguments that name where outputs go; ``on_save_checkpoint`` leaves them out of checkpoints
+    output_options: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -145,12 +169,20 @@ class BaseTask(pl.LightningModule):
         warmup_epochs: float = 0.0,
         step_epochs: int = 30,
         step_gamma: float = 0.1,
+        precise_bn_batches: int = 0,
+        folded_bn_batches: int = 8,
     ) -> None:
         super().__init__()
         if input_size < 32:
             raise ValueError(f"input_size must be at least 32 px, got {input_size}")
         if freeze_backbone_epochs < 0:
             raise ValueError(f"freeze_backbone_epochs must be >= 0, got {freeze_backbone_epochs}")
+        for name, value in (
+            ("precise_bn_batches", precise_bn_batches),
+            ("folded_bn_batches", folded_bn_batches),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.save_hyperparameters()
         self.backbone: MobileNetV1
         self.configure_models()
@@ -200,6 +232,24 @@ class BaseTask(pl.LightningModule):
         """Mean and std the inputs are normalised with (matches the ImageNet weights)."""
         return DEFAULT_MEAN, DEFAULT_STD
 
+    def batch_inputs(self, batch: Any) -> Any:
+        """What ``forward`` takes for a batch of the training loader: its images (the batch itself, its
+        ``"image"`` entry, or its first item). Batch-norm statistics are measured by running these."""
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, dict):
+            return batch["image"]
+        return batch[0]
+
+    def backbone_inputs(self, inputs: Any) -> torch.Tensor:
+        """The tensor the backbone receives for ``forward(inputs)`` (tasks that prepare images inside the
+        network, such as detectors, override this)."""
+        return inputs
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        hp = self.hparams
+        return [BatchNormStatistics(hp.get("precise_bn_batches", 0), hp.get("folded_bn_batches", 0))]
+
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         size = self.hparams.input_size
         return torch.zeros(batch_size, 3, size, size)
@@ -208,17 +258,25 @@ class BaseTask(pl.LightningModule):
         """Mult-adds and parameters of the whole task model at its input size."""
         return profile_model(self, self.hparams.input_size)
 
+    def paper_row(self) -> PaperRow | None:
+        """The paper's row (``tasks/paper.py``) for this task's configuration, if the paper prints one."""
+        return None
+
     def paper_figures(self) -> tuple[float, float] | None:
         """The paper's (million mult-adds, million parameters) for this configuration, if it has a row."""
-        return None
+        row = self.paper_row()
+        return row.figures if row else None
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         # The checkpoint holds the trained weights: the ImageNet file it started from is not needed to
         # rebuild it (LightningCLI copies these hyperparameters over the config for --ckpt_path).
-        if isinstance(checkpoint.get("hyper_parameters"), dict):
-            checkpoint["hyper_parameters"]["weights"] = None
+        hyper_parameters = checkpoint.get("hyper_parameters")
+        if isinstance(hyper_parameters, dict):
+            hyper_parameters["weights"] = None
+            for name in self.output_options:
+                hyper_parameters.pop(name, None)
 
     @staticmethod
     def load_task(path: str | Path, map_location: str = "cpu", **overrides: Any) -> BaseTask:
@@ -237,7 +295,11 @@ class BaseTask(pl.LightningModule):
         class_path = MOVED_TASK_CLASSES.get(class_path, class_path)
         module_name, _, class_name = class_path.rpartition(".")
         task_cls = getattr(importlib.import_module(module_name), class_name)
-        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        hparams = {
+            RENAMED_HYPERPARAMETERS.get(k, k): v
+            for k, v in checkpoint.get("hyper_parameters", {}).items()
+            if not k.startswith("_")
+        }
         hparams.update({"weights": None, **overrides})
         model = task_cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])
@@ -248,15 +310,20 @@ class BaseTask(pl.LightningModule):
         """The inference network to export (image batch in, tensors out; no Python-side post-processing)."""
         return self
 
-    def export_metadata(self) -> dict[str, str]:
-        """What a deployer needs beside the network (written as ONNX metadata properties)."""
+    def export_record(self) -> ExportMetadata:
+        """What a deployer needs beside the network: the task, its input and normalisation (tasks add their
+        names and settings to this record)."""
         mean, std = self.normalization
-        return {
-            "task": type(self).__name__,
-            "input_size": str(self.hparams.input_size),
-            "mean": ",".join(map(str, mean)),
-            "std": ",".join(map(str, std)),
-        }
+        return ExportMetadata(
+            task=type(self).__name__,
+            input_size=int(self.hparams.input_size),
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+        )
+
+    def export_metadata(self) -> dict[str, str]:
+        """``export_record()`` as the text properties written into an exported file."""
+        return self.export_record().to_properties()
 
     # ------------------------------------------------------------------ serving an exported file
     #: the ONNX network ``predict`` runs on, set by ``use_exported`` (a plain attribute, not a submodule:
@@ -282,11 +349,12 @@ class BaseTask(pl.LightningModule):
         check_export_metadata(
             network.path, network.metadata, type(self).__name__, self.hparams.input_size, mean, std
         )
-        self.adopt_export(network.path, network.metadata, network)
+        record = ExportMetadata.from_properties(network.metadata, network.path)
+        self.adopt_export(network.path, record, network)
         object.__setattr__(self, "_exported_network", network)
         return network.metadata
 
-    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+    def adopt_export(self, path: Path, metadata: ExportMetadata, network: nn.Module) -> None:
         """Take over what an export carries beside the network (tasks override: class names, cells, ...);
         raise ``ExportMismatchError`` naming the key when the export cannot serve this task."""
 

@@ -8,9 +8,8 @@ The class names travel in the checkpoint (hyperparameter ``class_names``).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +18,21 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.datasets.atomic import write_csv_atomic
 from mobilenets.tasks.base import BaseTask, Stage
-from mobilenets.tasks.deploy.export import parse_name_list
+from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
+from mobilenets.tasks.figures import pyplot, save_figure
+from mobilenets.tasks.paper import PaperRow, mobilenet_row
 from mobilenets.tasks.prediction_files import predict_output_path, topk_rows
 
 log = logging.getLogger(__name__)
 
-#: Table 10 (Stanford Dogs, 120 classes): (α, input size) → (top-1 %, million mult-adds, million params).
-PAPER_TABLE10: dict[tuple[float, int], tuple[float, float, float]] = {
-    (1.0, 224): (83.3, 569, 3.3),
-    (0.75, 224): (81.9, 325, 1.9),
-    (1.0, 192): (81.9, 418, 3.3),
-    (0.75, 192): (80.5, 239, 1.9),
-}
 STANFORD_DOGS_CLASSES = 120
 
 
-class ClassNamesError(ValueError):
+class ClassNamesError(MobilenetsError, ValueError):
     """Class names that do not fit the model or the data; the message says which counts differ."""
 
 
@@ -52,6 +47,8 @@ class ImageClassifier(BaseTask):
         predictions_file: CSV written by ``predict`` (default ``<log dir>/predictions.csv``).
         **kwargs: the ``BaseTask`` options (width_mult, input_size, weights, optimizer, lr, ...).
     """
+
+    output_options = ("predictions_file",)
 
     def __init__(
         self,
@@ -73,10 +70,6 @@ class ImageClassifier(BaseTask):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self._predictions: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
         super().__init__(**kwargs)
-        # An output location, not part of the model: kept out of checkpoints so that LightningCLI, which
-        # copies a checkpoint's hyperparameters over the config, cannot replace the one given for predict.
-        self.predictions_file = predictions_file
-        self.hparams.pop("predictions_file", None)
         self.last_predictions_path: Path | None = None
 
     # ------------------------------------------------------------------ model
@@ -191,9 +184,12 @@ class ImageClassifier(BaseTask):
             f"{name + ' (ours)':<28}{top1:>7.1f}%{profile.million_mult_adds:>20.0f}"
             f"{profile.million_parameters:>21.2f}",
         ]
-        paper = PAPER_TABLE10.get((float(self.hparams.width_mult), int(self.hparams.input_size)))
+        paper = self.paper_row()
         if paper:
-            lines.append(f"{name + ' (paper, Dogs)':<28}{paper[0]:>7.1f}%{paper[1]:>20.0f}{paper[2]:>21.1f}")
+            lines.append(
+                f"{name + ' (paper, Dogs)':<28}{paper.metric:>7.1f}%{paper.million_mult_adds:>20.0f}"
+                f"{paper.million_parameters:>21.1f}"
+            )
         lines.append(f"({total} test images, {self.class_count} classes)")
         return "\n".join(lines)
 
@@ -206,11 +202,7 @@ class ImageClassifier(BaseTask):
         write_csv_atomic(path, rows)
 
     def plot_confusion(self, matrix: torch.Tensor, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         counts = matrix.double()
         rates = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
         size = min(4 + 0.12 * len(rates), 20)
@@ -225,22 +217,17 @@ class ImageClassifier(BaseTask):
         axis.set_ylabel("true class")
         axis.set_title(f"confusion matrix ({int(counts.sum())} test images)")
         figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.stem}.tmp.png")
-        figure.savefig(temp, dpi=120)
-        plt.close(figure)
-        os.replace(temp, path)
+        save_figure(figure, path, dpi=120)
 
     # ------------------------------------------------------------------ predict
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
 
-    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+    def adopt_export(self, path: Path, metadata: ExportMetadata, network: nn.Module) -> None:
         """Take the export's classes (count and names), as ``--ckpt_path`` takes a checkpoint's."""
 
-        names = parse_name_list(metadata.get("class_names"))
-        count_text = metadata.get("num_classes", "").strip()
-        count = int(count_text) if count_text.isdigit() else len(names)
+        names = list(metadata.class_names or ())
+        count = metadata.num_classes if metadata.num_classes is not None else len(names)
         if count < 1:
             raise ExportMismatchError(
                 f"{path}: metadata keys 'num_classes'/'class_names' give no class count"
@@ -267,7 +254,7 @@ class ImageClassifier(BaseTask):
         indices = torch.cat([i for _, i, _ in self._predictions]) if paths else torch.zeros(0, k)
         values = torch.cat([v for _, _, v in self._predictions]) if paths else torch.zeros(0, k)
         names = [str(name) for name in self.hparams.get("class_names") or []]
-        path = predict_output_path(self.trainer, self.predictions_file, "predictions.csv")
+        path = predict_output_path(self.trainer, self.hparams.get("predictions_file"), "predictions.csv")
         write_csv_atomic(path, topk_rows(paths, indices.numpy(), values.numpy(), names))
         self.last_predictions_path = path
         print(f"wrote top-{k} predictions of {len(paths)} images to {path}")
@@ -290,16 +277,21 @@ class ImageClassifier(BaseTask):
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
     # ------------------------------------------------------------------ paper and export
+    def paper_row(self) -> PaperRow | None:
+        """Table 10's row (Stanford Dogs) of this α and input size, if the paper prints one."""
+        return mobilenet_row(10, self.hparams.width_mult, self.hparams.input_size)
+
     def paper_figures(self) -> tuple[float, float] | None:
         """Table 10's (million mult-adds, million parameters) for a 120-class Stanford Dogs model."""
         if self.class_count != STANFORD_DOGS_CLASSES:
             return None
-        row = PAPER_TABLE10.get((float(self.hparams.width_mult), int(self.hparams.input_size)))
-        return (row[1], row[2]) if row else None
+        row = self.paper_row()
+        return row.figures if row else None
 
-    def export_metadata(self) -> dict[str, str]:
-        metadata = super().export_metadata()
-        metadata["num_classes"] = str(self.class_count or 0)
-        if self.hparams.get("class_names"):
-            metadata["class_names"] = json.dumps(list(self.hparams["class_names"]))
-        return metadata
+    def export_record(self) -> ExportMetadata:
+        names = self.hparams.get("class_names")
+        return replace(
+            super().export_record(),
+            num_classes=self.class_count or 0,
+            class_names=tuple(str(name) for name in names) if names else None,
+        )

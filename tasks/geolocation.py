@@ -21,23 +21,24 @@ from mobilenets.backbone.profile import count_mult_adds, count_parameters
 from mobilenets.datasets.atomic import write_text_atomic
 from mobilenets.datasets.s2cells import Partition, PartitionError, cell_token, token_to_cell_id
 from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
+from mobilenets.tasks.figures import pyplot, save_figure
+from mobilenets.tasks.paper import TABLE11_SCALES, PaperRow, mobilenet_row, table_row
 
 log = logging.getLogger(__name__)
 
 EARTH_RADIUS_KM = 6371.0
-#: Table 11's scales: (name, kilometres, Im2GPS %, PlaNet %, PlaNet MobileNet %), coarsest first.
-PAPER_TABLE11: tuple[tuple[str, float, float, float, float], ...] = (
-    ("Continent", 2500.0, 51.9, 77.6, 79.3),
-    ("Country", 750.0, 35.4, 64.0, 60.3),
-    ("Region", 200.0, 32.1, 51.1, 45.2),
-    ("City", 25.0, 21.9, 31.7, 31.7),
-    ("Street", 1.0, 2.5, 11.0, 11.4),
+#: Table 11's rows (``tasks/paper.py``): the share of photos within each scale's distance.
+IM2GPS_ROW: PaperRow = table_row(11, "Im2GPS")
+PLANET_ROW: PaperRow = table_row(11, "PlaNet")
+PLANET_MOBILENET_ROW: PaperRow = table_row(11, "PlaNet MobileNet")
+#: A view of Table 11 by scale for the demo: (name, kilometres, Im2GPS %, PlaNet %, PlaNet MobileNet %).
+PAPER_TABLE11: tuple[tuple[str, float, float, float, float], ...] = tuple(
+    (scale, km, IM2GPS_ROW.value(scale), PLANET_ROW.value(scale), PLANET_MOBILENET_ROW.value(scale))
+    for scale, km in TABLE11_SCALES
 )
-DISTANCE_THRESHOLDS_KM: tuple[float, ...] = tuple(sorted(row[1] for row in PAPER_TABLE11))
-#: (million mult-adds, million parameters) the paper gives: PlaNet (Inception v3) and PlaNet MobileNet.
-PAPER_PLANET_FIGURES = (5740.0, 52.0)
-PAPER_PLANET_MOBILENET_FIGURES = (580.0, 13.0)
+DISTANCE_THRESHOLDS_KM: tuple[float, ...] = tuple(sorted(km for _, km in TABLE11_SCALES))
 IM2GPS_TEST_PHOTOS = 237
 
 
@@ -128,17 +129,20 @@ def format_table11(
         "Table 11: PlaNet on Im2GPS, share of test photos within each distance",
         f"{'Scale':<22}{'Im2GPS':>9}{'PlaNet':>9}{'PlaNet MobileNet':>18}{name:>12}",
     ]
-    for scale, km, im2gps, planet, planet_mobilenet in PAPER_TABLE11:
+    for scale, km in TABLE11_SCALES:
         value = ours.get(km, math.nan)
+        im2gps, planet, planet_mobilenet = (
+            row.value(scale) for row in (IM2GPS_ROW, PLANET_ROW, PLANET_MOBILENET_ROW)
+        )
         lines.append(
             f"{f'{scale} ({km:g} km)':<22}{im2gps:>8.1f}%{planet:>8.1f}%{planet_mobilenet:>17.1f}%{100 * value:>11.1f}%"
         )
     lines += [
         f"{'Median error (km)':<22}{'-':>9}{'-':>9}{'-':>18}{ours.get('median', math.nan):>12.0f}",
-        f"{'Million mult-adds':<22}{'-':>9}{PAPER_PLANET_FIGURES[0]:>9.0f}"
-        f"{PAPER_PLANET_MOBILENET_FIGURES[0]:>18.0f}{million_mult_adds:>12.1f}",
-        f"{'Million parameters':<22}{'-':>9}{PAPER_PLANET_FIGURES[1]:>9.0f}"
-        f"{PAPER_PLANET_MOBILENET_FIGURES[1]:>18.0f}{million_parameters:>12.2f}",
+        f"{'Million mult-adds':<22}{'-':>9}{PLANET_ROW.million_mult_adds:>9.0f}"
+        f"{PLANET_MOBILENET_ROW.million_mult_adds:>18.0f}{million_mult_adds:>12.1f}",
+        f"{'Million parameters':<22}{'-':>9}{PLANET_ROW.million_parameters:>9.0f}"
+        f"{PLANET_MOBILENET_ROW.million_parameters:>18.0f}{million_parameters:>12.2f}",
         f"{'Test photos':<22}{IM2GPS_TEST_PHOTOS:>9}{IM2GPS_TEST_PHOTOS:>9}{IM2GPS_TEST_PHOTOS:>18}{num_photos:>12}",
     ]
     return "\n".join(lines)
@@ -146,23 +150,20 @@ def format_table11(
 
 def plot_accuracy_vs_distance(distances_km: np.ndarray, path: Path, title: str = "") -> None:
     """Share of photos within d km against d (log scale), with Table 11's paper points for reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     distances_km = np.sort(np.asarray(distances_km, dtype=np.float64))
     grid = np.logspace(-1, math.log10(20_038), 300)  # up to half the Earth's circumference
     share = np.searchsorted(distances_km, grid, side="right") / max(distances_km.size, 1)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(grid, 100 * share, label=f"ours ({distances_km.size} photos)", color="tab:blue")
-    kms = [row[1] for row in PAPER_TABLE11]
-    ax.plot(
-        kms, [row[4] for row in PAPER_TABLE11], "o--", color="tab:orange", label="PlaNet MobileNet (paper)"
-    )
-    ax.plot(kms, [row[3] for row in PAPER_TABLE11], "s:", color="tab:green", label="PlaNet (paper)")
-    ax.plot(kms, [row[2] for row in PAPER_TABLE11], "^:", color="tab:gray", label="Im2GPS (paper)")
-    for scale, km, *_ in PAPER_TABLE11:
+    kms = [km for _, km in TABLE11_SCALES]
+    for row, style, colour in (
+        (PLANET_MOBILENET_ROW, "o--", "tab:orange"),
+        (PLANET_ROW, "s:", "tab:green"),
+        (IM2GPS_ROW, "^:", "tab:gray"),
+    ):
+        ax.plot(kms, [share for _, share in row.metrics], style, color=colour, label=f"{row.model} (paper)")
+    for scale, km in TABLE11_SCALES:
         ax.axvline(km, color="0.85", lw=0.8, zorder=0)
         ax.text(km, 101, scale.lower(), ha="center", va="bottom", fontsize=7, color="0.4")
     ax.set_xscale("log")
@@ -174,7 +175,7 @@ def plot_accuracy_vs_distance(distances_km: np.ndarray, path: Path, title: str =
     if title:
         ax.set_title(title, fontsize=9, pad=14)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_world_map(
@@ -190,11 +191,7 @@ def plot_world_map(
     Cell centres (the classes) are drawn as grey dots, predictions coloured by probability, and where the
     truth is known a line joins each true location to its prediction.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.2))
     if cell_centers is not None and len(cell_centers):
         ax.scatter(cell_centers[:, 1], cell_centers[:, 0], s=3, color="0.75", label="cells (class locations)")
@@ -231,17 +228,7 @@ def plot_world_map(
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 class GeoClassifier(BaseTask):
@@ -262,6 +249,8 @@ class GeoClassifier(BaseTask):
         predictions_dir: folder of the prediction CSV/PNG (default: the run's log folder).
         **kwargs: the backbone and optimisation options of ``BaseTask``.
     """
+
+    output_options = ("predictions_dir",)
 
     def __init__(
         self,
@@ -426,13 +415,13 @@ class GeoClassifier(BaseTask):
         return Path(trainer.log_dir or trainer.default_root_dir)
 
     # ------------------------------------------------------------------ prediction
-    def adopt_export(self, path: Path, metadata: dict[str, str], network: torch.nn.Module) -> None:
+    def adopt_export(self, path: Path, metadata: ExportMetadata, network: torch.nn.Module) -> None:
         """The export's cell table (metadata ``cells``) must be this task's; a task built from ``num_cells``
         alone, without a partition file, takes its cells from the export."""
 
-        if "cells" not in metadata:
+        if "cells" not in metadata.properties:
             raise ExportMismatchError(f"{path}: metadata key 'cells' is missing (the export's cell table)")
-        rows = list(csv.DictReader(io.StringIO(metadata["cells"])))
+        rows = list(csv.DictReader(io.StringIO(metadata.properties["cells"])))
         if len(rows) != self._num_cells:
             raise ExportMismatchError(
                 f"{path}: metadata key 'cells': this config has {self._num_cells} cells "
@@ -496,24 +485,22 @@ class GeoClassifier(BaseTask):
             )
 
     # ------------------------------------------------------------------ reporting
-    def paper_figures(self) -> tuple[float, float] | None:
-        """PlaNet MobileNet's row: 1.0 MobileNet-224 body, a ~10 M final layer (about 9,750 cells)."""
-        hp = self.hparams
-        if hp.width_mult == 1.0 and hp.input_size == 224:
-            return PAPER_PLANET_MOBILENET_FIGURES
-        return None
+    def paper_row(self) -> PaperRow | None:
+        """PlaNet MobileNet's row of Table 11: a 1.0 MobileNet-224 body with a ~10 M final layer (about
+        9,750 cells)."""
+        return mobilenet_row(11, self.hparams.width_mult, self.hparams.input_size)
 
-    def export_metadata(self) -> dict[str, str]:
-        metadata = super().export_metadata()
+    def export_record(self) -> ExportMetadata:
         rows = io.StringIO()
         writer = csv.writer(rows, lineterminator="\n")
         writer.writerow(["class", "token", "lat", "lon"])
         for k, (token, (lat, lon)) in enumerate(zip(self.cell_tokens(), self.cell_centers.tolist())):
             writer.writerow([k, token, f"{lat:.6f}", f"{lon:.6f}"])
-        metadata.update(
-            {"num_cells": str(self._num_cells), "cells": rows.getvalue(), "output": "cell logits"}
+        return (
+            super()
+            .export_record()
+            .with_properties(num_cells=str(self._num_cells), cells=rows.getvalue(), output="cell logits")
         )
-        return metadata
 
 
 def write_predictions_csv(

@@ -3,6 +3,10 @@ list of images computed once and cached on disk.
 
 Shared tool of the distillation tasks (face attributes, face embeddings); not a task itself.
 
+* ``TeacherInputs.of(teacher, size_option, task)``: what the teacher sees (the eval crop at the teacher's
+  own size and normalisation, else the student's), the key that names it in the cache, and
+  ``TeacherBatch``, which turns image paths into the teacher's input batch (in loader workers).
+
 * ``Teacher.load(path)``: a TorchScript file (``.pt``, ``.ts``, ``.torchscript``), an ONNX file (``.onnx``,
   run by onnxruntime on the CPU) or a Lightning checkpoint of a mobilenets task (``.ckpt``, rebuilt with
   ``BaseTask.load_task`` and run through its ``export_module()``). Calling it maps an image batch
@@ -31,7 +35,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.images import load_rgb
+from mobilenets.datasets.transforms import CROP_FRACTION, ClassificationTransform
 from mobilenets.tasks.base import BaseTask, CheckpointError
+from mobilenets.tasks.deploy.export import ExportError, parse_floats
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,7 @@ CACHE_FORMAT_VERSION = 1
 Activation = Literal["none", "sigmoid"]
 
 
-class TeacherError(ValueError):
+class TeacherError(MobilenetsError, ValueError):
     """A teacher file that cannot be loaded or gives unexpected outputs; the message names the file."""
 
 
@@ -56,11 +64,12 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 def _parse_floats(text: str | None) -> tuple[float, ...] | None:
+    """A foreign file's mean/std metadata, or None when it has none we can read."""
     if not text:
         return None
     try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
+        return parse_floats(text, "mean/std")
+    except ExportError:
         return None
 
 
@@ -232,6 +241,55 @@ class Teacher:
 
     def __repr__(self) -> str:
         return f"Teacher({self.kind}, {self.path}, sha256={self.checksum[:12]}, input_size={self.input_size})"
+
+
+# --------------------------------------------------------------------------- the teacher's inputs
+class TeacherBatch:
+    """Image paths → the teacher's input batch: each image decoded (at a reduced JPEG scale where the
+    transform allows) and run through ``transform``. A picklable callable, so loader workers can run it."""
+
+    def __init__(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, paths: Sequence[Path]) -> torch.Tensor:
+        size = getattr(self.transform, "decode_size", None)
+        return torch.stack([self.transform(load_rgb(path, min_size=size)) for path in paths])
+
+
+@dataclass(frozen=True)
+class TeacherInputs:
+    """How the teacher sees an image: the eval crop (shorter side to ``size`` / CROP_FRACTION, centre
+    ``size`` crop), normalised with ``mean`` and ``std``."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, teacher: Teacher, size_option: int | None, task: BaseTask) -> TeacherInputs:
+        """The task's ``teacher_input_size`` option, else what the teacher file says, else the student's
+        input size; the teacher file's normalisation, else the student's."""
+        size = size_option or teacher.input_size or int(task.hparams.input_size)
+        mean, std = task.normalization
+        return cls(int(size), tuple(teacher.mean or mean), tuple(teacher.std or std))
+
+    @property
+    def key(self) -> str:
+        """Names this preprocessing in the output cache (another crop or normalisation never reuses it)."""
+        return f"eval-crop{CROP_FRACTION} size={self.size} mean={self.mean} std={self.std}"
+
+    def transform(self) -> ClassificationTransform:
+        """The eval transform of one decoded image."""
+        return ClassificationTransform(self.size, train=False, mean=self.mean, std=self.std)
+
+    def batch(self) -> TeacherBatch:
+        """Paths → the teacher's input batch."""
+        return TeacherBatch(self.transform())
+
+
+def teacher_cache_dir(option: str | None, trainer: Any) -> Path:
+    """The task's ``teacher_cache_dir`` option, else ``<trainer.default_root_dir>/teacher_cache``."""
+    return Path(option) if option else Path(trainer.default_root_dir) / "teacher_cache"
 
 
 # --------------------------------------------------------------------------- the output cache

@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.tasks.deploy.export import ExportError, onnx_metadata, ort_session, parse_floats, run_onnx
 
 #: Relative tolerance for mean/std read back from metadata text.
 NORMALIZATION_TOLERANCE = 1e-6
 
 
-class ExportMismatchError(ValueError):
+class ExportMismatchError(MobilenetsError, ValueError):
     """An exported model that does not fit the task or config it is attached to; the message names the file,
     the metadata key, the expected and the found value."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torchvision.models.detection.ssd import SSD, SSDScoringHead
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from mobilenets.backbone.mobilenet import ConvBNAct, MobileNetV1
-from mobilenets.tasks.deploy.export import parse_name_list
+from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
 from mobilenets.tasks.detection.task import DetectionTask
 
@@ -321,19 +322,20 @@ class SSDDetection(DetectionTask):
     def export_module(self) -> nn.Module:
         return SSDRawOutputs(self.model.backbone, self.model.head).eval()
 
-    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+    def adopt_export(self, path: Path, metadata: ExportMetadata, network: nn.Module) -> None:
         """The export's anchors and classes must be this config's; its categories and post-processing
         settings are adopted (as ``--ckpt_path`` adopts a checkpoint's)."""
 
         hp = self.hparams
+        properties = metadata.properties
         anchors = self.anchors()
-        scales = metadata.get("anchor_scales", "")
+        scales = properties.get("anchor_scales", "")
         try:
             found_scales: Any = tuple(float(v) for v in scales.split(","))
         except ValueError:
             found_scales = scales
         checks: dict[str, tuple[Any, Any]] = {
-            "metadata key 'num_anchors'": (str(anchors.shape[0]), metadata.get("num_anchors", "").strip()),
+            "metadata key 'num_anchors'": (str(anchors.shape[0]), properties.get("num_anchors", "").strip()),
             "metadata key 'anchor_scales'": ((float(hp.min_scale), float(hp.max_scale)), found_scales),
         }
         shape = network.session.get_outputs()[-1].shape if hasattr(network, "session") else []
@@ -346,23 +348,18 @@ class SSDDetection(DetectionTask):
                 )
         try:
             settings = {
-                "score_thresh": float(metadata.get("score_thresh", hp.score_thresh)),
-                "nms_thresh": float(metadata.get("nms_thresh", hp.nms_thresh)),
-                "topk_candidates": int(metadata.get("topk_candidates", hp.topk_candidates)),
-                "detections_per_img": int(metadata.get("detections_per_img", hp.detections_per_img)),
+                "score_thresh": float(properties.get("score_thresh", hp.score_thresh)),
+                "nms_thresh": float(properties.get("nms_thresh", hp.nms_thresh)),
+                "topk_candidates": int(properties.get("topk_candidates", hp.topk_candidates)),
+                "detections_per_img": int(properties.get("detections_per_img", hp.detections_per_img)),
             }
         except ValueError as error:
             raise ExportMismatchError(f"{path}: post-processing metadata is not numeric ({error})") from error
         hp.update(settings)
-        if metadata.get("class_names"):
-            hp.class_names = parse_name_list(metadata["class_names"])
-        if metadata.get("category_ids"):
-            try:
-                hp.category_ids = [int(v) for v in metadata["category_ids"].split(",")]
-            except ValueError as error:
-                raise ExportMismatchError(
-                    f"{path}: metadata key 'category_ids': expected comma-separated integers"
-                ) from error
+        if metadata.class_names:
+            hp.class_names = list(metadata.class_names)
+        if metadata.category_ids:
+            hp.category_ids = list(metadata.category_ids)
         self._export_anchors = anchors
 
     def predict_detections(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -387,23 +384,20 @@ class SSDDetection(DetectionTask):
             detections_per_img=hp.detections_per_img,
         )
 
-    def export_metadata(self) -> dict[str, str]:
+    def export_record(self) -> ExportMetadata:
         hp = self.hparams
-        meta = super().export_metadata()
-        meta.update(
-            {
-                "outputs": "box_deltas (N,A,4), class_logits (N,A,C): decode with ssd_postprocess",
-                "num_anchors": str(self.anchors().shape[0]),
-                "anchor_scales": f"{hp.min_scale},{hp.max_scale}",
-                "box_coder_weights": ",".join(map(str, SSD_BOX_CODER_WEIGHTS)),
-                "score_thresh": str(hp.score_thresh),
-                "nms_thresh": str(hp.nms_thresh),
-                "topk_candidates": str(hp.topk_candidates),
-                "detections_per_img": str(hp.detections_per_img),
-            }
+        record = replace(
+            super().export_record(),
+            class_names=tuple(map(str, hp.class_names)) if hp.class_names else None,
+            category_ids=tuple(map(int, hp.category_ids)) if hp.category_ids else None,
         )
-        if hp.class_names:
-            meta["class_names"] = ",".join(hp.class_names)
-        if hp.category_ids:
-            meta["category_ids"] = ",".join(map(str, hp.category_ids))
-        return meta
+        return record.with_properties(
+            outputs="box_deltas (N,A,4), class_logits (N,A,C): decode with ssd_postprocess",
+            num_anchors=str(self.anchors().shape[0]),
+            anchor_scales=f"{hp.min_scale},{hp.max_scale}",
+            box_coder_weights=",".join(map(str, SSD_BOX_CODER_WEIGHTS)),
+            score_thresh=str(hp.score_thresh),
+            nms_thresh=str(hp.nms_thresh),
+            topk_candidates=str(hp.topk_candidates),
+            detections_per_img=str(hp.detections_per_img),
+        )

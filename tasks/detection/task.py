@@ -22,6 +22,7 @@ from mobilenets.tasks.detection.coco_eval import (
     format_result,
     write_results_json,
 )
+from mobilenets.tasks.paper import PaperRow, paper_table
 
 
 # --------------------------------------------------------------------------- tasks
@@ -38,10 +39,12 @@ class DetectionTask(BaseTask):
         predictions_dir: where ``predict`` writes PNGs and ``detections.json`` (default
             ``<default_root_dir>/predictions``).
         draw_score_thresh: detections below this score are not drawn (all are written to the JSON).
-        recompute_bn_batches: before each validation during fit, re-estimate the batch-norm running
-            statistics from this many training batches ("precise BN"; 0 = off). Short runs from scratch
-            need it: their running averages lag far behind the quickly changing weights.
+        **kwargs: the backbone and optimisation options of ``BaseTask`` (short runs from scratch need
+            ``precise_bn_batches``: precise batch-norm statistics run the detector's inference path, so the
+            box head's norms see real proposals).
     """
+
+    output_options = ("predictions_dir",)
 
     def __init__(
         self,
@@ -53,7 +56,6 @@ class DetectionTask(BaseTask):
         detections_per_img: int = 100,
         predictions_dir: str | None = None,
         draw_score_thresh: float = 0.3,
-        recompute_bn_batches: int = 0,
         **kwargs: Any,
     ) -> None:
         if num_classes < 2:
@@ -71,12 +73,17 @@ class DetectionTask(BaseTask):
     def table13_name(self) -> str:
         raise NotImplementedError
 
+    def paper_row(self) -> PaperRow | None:
+        """Table 13's MobileNet row of this detector and input size, if the paper prints one."""
+        name = f"{self.table13_name()} MobileNet"
+        return next((row for row in paper_table(13) if row.model == name), None)
+
     def paper_figures(self) -> tuple[float, float] | None:
         hp = self.hparams
-        row = PAPER_TABLE13.get(self.table13_name())
-        if row is None or hp.width_mult != 1.0 or hp.num_classes != 91:
+        row = self.paper_row()
+        if row is None or hp.width_mult != row.width_mult or hp.num_classes != 91:
             return None
-        return row[1] * 1000, row[2]
+        return row.figures
 
     def profile_image(self) -> torch.Tensor:
         size = self.hparams.input_size
@@ -145,6 +152,17 @@ class DetectionTask(BaseTask):
                 )
         return results
 
+    # ---------------------------------------------------------------- batch-norm statistics
+    def batch_inputs(self, batch: Any) -> list[torch.Tensor]:
+        """The images of a detection batch ``(images, targets)``."""
+        return list(batch[0])
+
+    def backbone_inputs(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The normalised, batched images the detector's own transform hands its backbone (whole images:
+        Faster R-CNN's box-head blocks see them instead of proposal crops here)."""
+        with torch.no_grad():
+            return self.model.transform(inputs)[0].tensors
+
     # ---------------------------------------------------------------- steps
     def forward(
         self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
@@ -187,31 +205,6 @@ class DetectionTask(BaseTask):
 
     def on_validation_epoch_start(self) -> None:
         self._eval_results["val"], self._eval_image_ids["val"] = [], []
-        if self.hparams.recompute_bn_batches > 0 and self.trainer.state.fn == "fit":
-            self.recompute_batch_norm(self.trainer.train_dataloader, self.hparams.recompute_bn_batches)
-
-    @torch.no_grad()
-    def recompute_batch_norm(self, loader: Any, num_batches: int) -> None:
-        """Replace every batch norm's running mean/var by the plain average over ``num_batches`` batches
-        of ``loader`` (inference-mode forward, so the box head's norms see real proposals)."""
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms or loader is None:
-            return
-        was_training = self.training
-        saved = [m.momentum for m in norms]
-        self.model.eval()
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative average
-            norm.train()
-        for index, (images, _targets) in enumerate(loader):
-            if index >= num_batches:
-                break
-            self.model([image.to(self.device) for image in images])
-        for norm, momentum in zip(norms, saved):
-            norm.momentum = momentum
-        self.train(was_training)
-        self.model.eval()
 
     def on_test_epoch_start(self) -> None:
         self._eval_results["test"], self._eval_image_ids["test"] = [], []

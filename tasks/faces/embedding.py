@@ -8,9 +8,7 @@ rows in the CSV's order)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,40 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilenets.backbone.inference import recalibrate_batchnorm
-from mobilenets.datasets.atomic import atomic_path, write_csv_atomic
-from mobilenets.datasets.images import load_rgb
-from mobilenets.datasets.transforms import ClassificationTransform
+from mobilenets.datasets.atomic import atomic_path, write_csv_atomic, write_json_atomic
 from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
 from mobilenets.tasks.faces.verification import VerificationReport, evaluate_pairs, plot_roc
+from mobilenets.tasks.paper import TABLE14, PaperRow, mobilenet_row
 from mobilenets.tasks.prediction_files import embedding_rows, predict_output_path
-from mobilenets.tasks.teacher import Teacher, cached_teacher_outputs
+from mobilenets.tasks.teacher import Teacher, TeacherInputs, cached_teacher_outputs, teacher_cache_dir
 
 log = logging.getLogger(__name__)
 
 EmbeddingLoss = Literal["triplet", "distill"]
-
-
-# --------------------------------------------------------------------------- the paper's Table 14
-#: (model, α, input size, "1e-4 accuracy" %, million mult-adds, million parameters) as printed.
-#: The paper prints "0.75 MobileNet-128" twice; by its mult-adds the 166M row is α 0.75 at 160 px
-#: (Table 7-style counts give 162M there, 104M at 128 px), so it is keyed to (0.75, 160) here.
-PAPER_TABLE14: tuple[tuple[str, float | None, int | None, float, float, float], ...] = (
-    ("FaceNet", None, None, 83.0, 1600, 7.5),
-    ("1.0 MobileNet-160", 1.0, 160, 79.4, 286, 4.9),
-    ("1.0 MobileNet-128", 1.0, 128, 78.3, 185, 5.5),
-    ("0.75 MobileNet-128 (166M row)", 0.75, 160, 75.2, 166, 3.4),
-    ("0.75 MobileNet-128", 0.75, 128, 72.5, 108, 3.8),
-)
-
-
-def paper_row(width_mult: float, input_size: int) -> tuple[str, float, float, float] | None:
-    """(name, 1e-4 accuracy %, MAdds M, params M) of Table 14 for this α and resolution, if printed."""
-    for name, alpha, size, accuracy, madds, params in PAPER_TABLE14:
-        if alpha == width_mult and size == input_size:
-            return name, accuracy, madds, params
-    return None
 
 
 # --------------------------------------------------------------------------- losses and mining
@@ -113,18 +89,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return (student - teacher).pow(2).sum(1).mean()
 
 
-class _TeacherBatch:
-    """Paths → the teacher's input batch (eval crop at the teacher's size and normalisation)."""
-
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-
-        self.transform = ClassificationTransform(input_size, train=False, mean=mean, std=std)
-
-    def __call__(self, paths: Sequence[Path]) -> torch.Tensor:
-
-        return torch.stack([self.transform(load_rgb(p, self.transform.decode_size)) for p in paths])
-
-
 # --------------------------------------------------------------------------- the task
 class FaceEmbedder(BaseTask):
     """MobileNet → linear → L2-normalised face embedding (Table 14), with distillation or triplet loss.
@@ -142,13 +106,13 @@ class FaceEmbedder(BaseTask):
             teacher's sha256 and the preprocessing); default ``<trainer.default_root_dir>/teacher_cache``.
         normalize_teacher: L2-normalise the teacher's outputs before the loss (FaceNet's are unit vectors).
         plot_dir: where ``test`` writes the ROC curve PNG and the report JSON (default: the logger's dir).
-        recalibrate_bn_batches: after each training epoch, set every batch norm's running statistics to the
-            exact average over this many training batches (0: off). Helps short runs, whose running
-            statistics still lag the weights.
         embeddings_file: the ``.csv`` written by ``predict`` (default ``<log dir>/embeddings.csv``); the
             ``.npy`` is written beside it under the same name. One ``.rank<N>`` pair per process under DDP.
-        **kwargs: the backbone and optimisation options of ``BaseTask``.
+        **kwargs: the backbone and optimisation options of ``BaseTask`` (``precise_bn_batches`` helps
+            short runs, whose running statistics still lag the weights).
     """
+
+    output_options = ("plot_dir", "embeddings_file")
 
     def __init__(
         self,
@@ -160,7 +124,6 @@ class FaceEmbedder(BaseTask):
         teacher_cache_dir: str | None = None,
         normalize_teacher: bool = True,
         plot_dir: str | None = None,
-        recalibrate_bn_batches: int = 0,
         embeddings_file: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -175,12 +138,6 @@ class FaceEmbedder(BaseTask):
         self.embedding_size = embedding_size
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        # Output locations, not part of the model: kept out of checkpoints so that LightningCLI, which
-        # copies a checkpoint's hyperparameters over the config, cannot replace the ones given for test/predict.
-        self.embeddings_file = embeddings_file
-        self.plot_dir = plot_dir
-        self.hparams.pop("embeddings_file", None)
-        self.hparams.pop("plot_dir", None)
         self.last_embeddings_paths: tuple[Path, Path] | None = None
         self._predict_paths: list[str] = []
         self._predict_embeddings: list[torch.Tensor] = []
@@ -207,33 +164,36 @@ class FaceEmbedder(BaseTask):
         pooled = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
         return F.normalize(self.embedding(pooled), dim=1)
 
-    def paper_figures(self) -> tuple[float, float] | None:
-        row = paper_row(self.hparams.width_mult, self.hparams.input_size)
-        return (row[2], row[3]) if row else None
+    def paper_row(self) -> PaperRow | None:
+        """Table 14's row of this α and input size, if the paper prints one."""
+        return mobilenet_row(14, self.hparams.width_mult, self.hparams.input_size)
 
-    def export_metadata(self) -> dict[str, str]:
-        metadata = super().export_metadata()
-        metadata.update(
-            embedding_size=str(self.embedding_size),
-            metric="cosine (inner product of L2-normalised embeddings)",
-            threshold=str(float(self.threshold)),
+    def export_record(self) -> ExportMetadata:
+        return (
+            super()
+            .export_record()
+            .with_properties(
+                embedding_size=str(self.embedding_size),
+                metric="cosine (inner product of L2-normalised embeddings)",
+                threshold=str(float(self.threshold)),
+            )
         )
-        return metadata
 
-    def adopt_export(self, path: Path, metadata: dict[str, str], network: nn.Module) -> None:
+    def adopt_export(self, path: Path, metadata: ExportMetadata, network: nn.Module) -> None:
         """The export's embedding size must be this config's; its verification threshold is adopted."""
 
-        size = metadata.get("embedding_size", "").strip()
+        properties = metadata.properties
+        size = properties.get("embedding_size", "").strip()
         if size and size != str(self.embedding_size):
             raise ExportMismatchError(
                 f"{path}: metadata key 'embedding_size': this config expects {self.embedding_size}, "
                 f"the export has {size}"
             )
         try:
-            threshold = float(metadata.get("threshold", "nan"))
+            threshold = float(properties.get("threshold", "nan"))
         except ValueError as error:
             raise ExportMismatchError(
-                f"{path}: metadata key 'threshold': expected a number, got {metadata['threshold']!r}"
+                f"{path}: metadata key 'threshold': expected a number, got {properties['threshold']!r}"
             ) from error
         self.threshold.fill_(threshold)
 
@@ -254,37 +214,20 @@ class FaceEmbedder(BaseTask):
                 "distillation needs a datamodule whose train_dataset has the image paths (FaceDataModule)"
             )
         teacher = Teacher.load(self.hparams.teacher, expected_outputs=self.embedding_size)
-        size = self.hparams.teacher_input_size or teacher.input_size or self.hparams.input_size
-        default_mean, default_std = self.normalization
-        mean, std = teacher.mean or default_mean, teacher.std or default_std
+        inputs = TeacherInputs.of(teacher, self.hparams.teacher_input_size, self)
         paths = [Path(p) for p in dataset.paths]
         cache = cached_teacher_outputs(
             teacher,
             paths,
-            transform_key=f"faces-eval-crop size={size} mean={tuple(mean)} std={tuple(std)}",
-            make_batch=_TeacherBatch(size, mean, std),
-            cache_dir=Path(
-                self.hparams.teacher_cache_dir or Path(self.trainer.default_root_dir) / "teacher_cache"
-            ),
+            transform_key=inputs.key,
+            make_batch=inputs.batch(),
+            cache_dir=teacher_cache_dir(self.hparams.teacher_cache_dir, self.trainer),
         )
         rows = np.array([cache.index_of(p) for p in paths], dtype=np.int64)
         targets = torch.from_numpy(np.asarray(cache.outputs[rows], dtype=np.float32))
         if self.hparams.normalize_teacher:
             targets = F.normalize(targets, dim=1)
         self._teacher_targets = targets
-
-    def on_train_epoch_end(self) -> None:
-        count = self.hparams.recalibrate_bn_batches
-        loader = self.trainer.train_dataloader
-        if count <= 0 or loader is None:
-            return
-
-        images = []
-        for batch in loader:
-            images.append(batch["image"].to(self.device))
-            if len(images) >= count:
-                break
-        recalibrate_batchnorm(self, images)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -372,8 +315,8 @@ class FaceEmbedder(BaseTask):
             self._write_test_outputs(report, scores, same)
 
     def _output_dir(self) -> Path:
-        if self.plot_dir:
-            return Path(self.plot_dir)
+        if self.hparams.get("plot_dir"):
+            return Path(self.hparams.plot_dir)
         log_dir = self.trainer.log_dir if self.trainer.logger else None
         return Path(log_dir or self.trainer.default_root_dir)
 
@@ -381,9 +324,7 @@ class FaceEmbedder(BaseTask):
         out = self._output_dir()
         roc = plot_roc(out / "faces_roc.png", scores, same, title=f"{self.model_name()} ROC")
         summary = {**report.as_dict(), "num_pairs": report.num_pairs, "num_folds": report.num_folds}
-        tmp = out / "faces_report.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / "faces_report.json")
+        write_json_atomic(out / "faces_report.json", summary, indent=2)
         print(self.format_table14(report))
         print(f"ROC curve: {roc}")
 
@@ -402,7 +343,7 @@ class FaceEmbedder(BaseTask):
         embeddings = (
             torch.cat(self._predict_embeddings) if self._predict_embeddings else torch.zeros(0, size)
         ).numpy()
-        csv_path = predict_output_path(self.trainer, self.embeddings_file, "embeddings.csv")
+        csv_path = predict_output_path(self.trainer, self.hparams.get("embeddings_file"), "embeddings.csv")
         npy_path = csv_path.with_suffix(".npy")
         write_csv_atomic(csv_path, embedding_rows(self._predict_paths, embeddings))
         with atomic_path(npy_path, ".npy") as temp, temp.open("wb") as stream:
@@ -423,8 +364,11 @@ class FaceEmbedder(BaseTask):
             header,
             "-" * len(header),
         ]
-        for name, _, _, accuracy, madds, params in PAPER_TABLE14:
-            lines.append(f"{'paper ' + name:<32}{accuracy:>14.1f}%{madds:>20.0f}{params:>21.1f}")
+        for row in TABLE14:
+            lines.append(
+                f"{'paper ' + row.model:<32}{row.metric:>14.1f}%{row.million_mult_adds:>20.0f}"
+                f"{row.million_parameters:>21.1f}"
+            )
         ours = f"ours {self.model_name()} ({self.hparams.loss})"
         lines.append(
             f"{ours:<32}{100 * report.val_at_far_1e4:>14.1f}%"

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from mobilenets.configs import CONFIG_DIR
-from mobilenets.datasets.synthetic import make_image_folder, make_stanford_dogs
+from mobilenets.datasets.synthetic.folder import make_image_folder
+from mobilenets.datasets.synthetic.stanford_dogs import make_stanford_dogs
 from mobilenets.tasks.base import BaseTask
 from mobilenets.tasks.classification import ClassNamesError, ImageClassifier
 from mobilenets.tasks.cli import main
@@ -67,7 +68,7 @@ def tiny_config(root: Path, data_root: Path, **model: Any) -> dict[str, Any]:
         },
         "data": {
             "class_path": "mobilenets.datasets.stanford_dogs.StanfordDogsDataModule",
-            "init_args": {"root": str(data_root), "input_size": 32, "batch_size": 8, "num_workers": 0},
+            "init_args": {"root": str(data_root), "batch_size": 8, "num_workers": 0},
         },
     }
 
@@ -113,7 +114,6 @@ def test_each_config_runs_fit_test_predict(config: Path, dogs, tmp_path: Path) -
         "--model.init_args.weights", "null",
         "--model.init_args.num_classes", "null",
         "--data.init_args.root", str(data_root),
-        "--data.init_args.input_size", "32",
         "--data.init_args.batch_size", "4",
         "--data.init_args.num_workers", "0",
         "--trainer.default_root_dir", str(tmp_path / "run"),
@@ -280,10 +280,10 @@ def test_demo_fits_generated_breeds_far_above_chance(tmp_path: Path) -> None:
     rows = run_demo(tmp_path, quick=True)
     val_top1 = float(rows[0].value.split("%")[0])
     assert val_top1 >= 60.0, f"val top-1 {val_top1}% with 4 classes (chance 25%)"
-    assert rows[1].metric.startswith("top-1") and rows[1].value.endswith("(chance 25%)")
+    assert rows[1].metric.startswith("test top-1") and rows[1].baseline == "25.0% (chance)"
     assert "569M" in rows[3].paper and rows[3].value.startswith("568M / 3.33M")
     predictions = list(csv.DictReader((tmp_path / "predictions.csv").open()))
-    assert len(predictions) == 4 * (32 + 8)
+    assert len(predictions) == 4 * (24 + 8)
     assert {row["class1_name"] for row in predictions} <= {
         "Chihuahua",
         "Japanese spaniel",

@@ -9,7 +9,7 @@ from geographiclib.geodesic import Geodesic
 
 from mobilenets.configs import CONFIG_DIR
 from mobilenets.datasets.s2cells import Partition, PartitionError, build_partition
-from mobilenets.datasets.synthetic_geo import write_geotag_dataset
+from mobilenets.datasets.synthetic.geotags import make_geotags
 from mobilenets.tasks.cli import main as cli_main
 from mobilenets.tasks.geolocation import (
     EARTH_RADIUS_KM,
@@ -135,7 +135,7 @@ def test_geo_partition_command(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_fit_test_predict_through_the_cli(tmp_path, capsys) -> None:
-    data = write_geotag_dataset(
+    data = make_geotags(
         tmp_path / "data",
         num_regions=3,
         train_per_region=8,
@@ -191,9 +191,8 @@ def test_fit_test_predict_through_the_cli(tmp_path, capsys) -> None:
                 "train_csv": str(data.train_csv),
                 "val_csv": str(data.val_csv),
                 "test_csv": str(data.test_csv),
-                "predict": str(data.test_csv),
+                "predict_csv": str(data.test_csv),
                 "image_root": str(data.image_root),
-                "input_size": 32,
                 "batch_size": 8,
             },
         },

@@ -192,3 +192,26 @@ def test_checkpoint_teacher_runs_the_tasks_export_module(tmp_path: Path) -> None
     torch.save({"state_dict": {}}, plain)
     with pytest.raises(TeacherError, match=r"plain\.ckpt: not a checkpoint of a mobilenets task"):
         Teacher.load(plain)
+
+
+def test_teacher_inputs_follow_the_option_then_the_file_then_the_student(images: list[Path]) -> None:
+    """The one teacher-input piece both distillation tasks use: size and normalisation, cache key, batch."""
+    from mobilenets.datasets.images import load_rgb
+    from mobilenets.datasets.transforms import ClassificationTransform
+    from mobilenets.tasks.attributes import AttributeModel
+    from mobilenets.tasks.teacher import TeacherInputs
+
+    student = AttributeModel(num_attributes=5, width_mult=0.25, input_size=40)
+    bare = Teacher(lambda x: x, Path("t.pt"), "0" * 64)
+    described = Teacher(lambda x: x, Path("t.onnx"), "0" * 64, input_size=24, mean=(0.4,) * 3, std=(0.2,) * 3)
+    assert TeacherInputs.of(bare, None, student) == TeacherInputs(40, (0.5,) * 3, (0.5,) * 3)
+    assert TeacherInputs.of(described, None, student) == TeacherInputs(24, (0.4,) * 3, (0.2,) * 3)
+    assert TeacherInputs.of(described, 32, student).size == 32
+    keys = {TeacherInputs(24, (0.4,) * 3, (0.2,) * 3).key, TeacherInputs(32, (0.4,) * 3, (0.2,) * 3).key}
+    keys.add(TeacherInputs(24, (0.5,) * 3, (0.2,) * 3).key)
+    assert len(keys) == 3  # another size or normalisation never reuses a cache
+    inputs = TeacherInputs.of(described, 16, student)
+    batch = inputs.batch()(images[:3])
+    transform = ClassificationTransform(16, train=False, mean=(0.4,) * 3, std=(0.2,) * 3)
+    assert batch.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(batch[1], transform(load_rgb(images[1])))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mobilenets.configs import CONFIG_DIR
-from mobilenets.datasets.synthetic_detection import make_shapes_coco
+from mobilenets.datasets.synthetic.coco import make_coco_shapes
 from mobilenets.tasks.detection import FasterRCNNDetection, SSDDetection
 from mobilenets.tasks.detection.ssd import TFSSDAnchorGenerator, ssd_postprocess, ssd_preprocess
 
@@ -78,7 +78,7 @@ def test_faster_rcnn_profile_runs_exactly_300_crops_through_blocks_12_and_13() -
 
 
 def _shapes(tmp_path: Path) -> Path:
-    return make_shapes_coco(tmp_path / "shapes", {"train": 6, "val": 4}, size_range=(64, 80))
+    return make_coco_shapes(tmp_path / "shapes", {"train": 6, "val": 4}, size_range=(64, 80))
 
 
 @pytest.mark.parametrize("task_cls", [SSDDetection, FasterRCNNDetection])
@@ -196,7 +196,6 @@ def test_fit_then_predict_writes_pngs_and_results(tmp_path: Path) -> None:
             "root": str(root),
             "train_split": "train",
             "val_split": "val",
-            "input_size": 64,
             "batch_size": 3,
             "num_workers": 0,
             "predict_dir": str(root / "val"),

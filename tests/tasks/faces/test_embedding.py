@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mobilenets.datasets.synthetic_faces import make_identity_folders, make_pairs_file
+from mobilenets.datasets.synthetic.faces import make_identity_folders, make_lfw_pairs
 from mobilenets.tasks.base import read_checkpoint
 from mobilenets.tasks.faces.embedding import (
     FaceEmbedder,
@@ -36,12 +36,36 @@ FOLDS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
 
 def test_kfold_accuracy_matches_the_hand_computed_case() -> None:
     # Fold 0 is judged with fold 1's best threshold: candidates -0.9, 0.2, 0.35, 0.6, 0.8 give accuracies
-    # 2/4, 3/4, 2/4, 3/4, 2/4 on fold 1, so 0.2 (the first best); on fold 0 it accepts 0.9, 0.6 (right),
-    # 0.5 (wrong) and rejects 0.2 (right): 3/4. Fold 1 with fold 0's best (0.55, 4/4 there): accepts 0.8
-    # (right), rejects 0.3 (wrong), 0.4 and 0.1 (right): 3/4.
+    # 2/4, 3/4, 2/4, 3/4, 2/4 on fold 1, a tie of 0.2 and 0.6: the strictest, 0.6, as FaceNet's reference
+    # picks it; on fold 0 it accepts 0.9 (right) and rejects 0.6 (wrong), 0.5 and 0.2 (right): 3/4. Fold 1
+    # with fold 0's best (0.55, 4/4 there): accepts 0.8 (right), rejects 0.3 (wrong), 0.4 and 0.1: 3/4.
     accuracies, thresholds = kfold_accuracy(SCORES, SAME, FOLDS)
-    np.testing.assert_allclose(thresholds, [0.2, 0.55])
+    np.testing.assert_allclose(thresholds, [0.6, 0.55])
     np.testing.assert_allclose(accuracies, [0.75, 0.75])
+
+
+def facenet_calculate_roc_accepts(distances: np.ndarray, same: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """FaceNet's ``calculate_roc`` (facenet/src/facenet.py) for one fold: squared L2 distances, thresholds
+    ``np.arange(0, 4, 0.01)``, a pair accepted when its distance is below; ``np.argmax`` takes the first
+    (smallest, strictest) threshold of best training accuracy. Returns which pairs it accepts."""
+    thresholds = np.arange(0, 4, 0.01)
+    accuracy = [np.mean((distances[train] < t) == same[train]) for t in thresholds]
+    return distances < thresholds[int(np.argmax(accuracy))]
+
+
+def test_ties_pick_the_strictest_threshold_like_facenets_reference() -> None:
+    # cosines 0.9, 0.7, 0.5, 0.3 of same, different, same, different: accepting the first only and accepting
+    # the first three are both 3/4 right. The reference takes the strictest; the most permissive choice
+    # would accept the held-out different pair at 0.65 too.
+    train_scores = np.array([0.9, 0.7, 0.5, 0.3])
+    train_same = np.array([True, False, True, False])
+    threshold = best_accuracy_threshold(train_scores, train_same)
+    assert threshold == pytest.approx(0.8)
+    scores = np.concatenate([train_scores, [0.95, 0.65, 0.2]])
+    same = np.concatenate([train_same, [True, False, False]])
+    train = np.arange(scores.size) < train_scores.size
+    reference = facenet_calculate_roc_accepts(2 - 2 * scores, same, train)  # unit vectors: |a-b|² = 2 - 2cos
+    np.testing.assert_array_equal(scores > threshold, reference)
 
 
 def test_kfold_val_at_far_matches_the_hand_computed_case() -> None:
@@ -113,7 +137,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_identity_folders(
         root / "lfw", num_identities=6, images_per_identity=3, size=36, seed=3, prefix="Test"
     )
-    make_pairs_file(root / "lfw" / "pairs.txt", root / "lfw", folds=3, pairs_per_fold=2, seed=3)
+    make_lfw_pairs(root / "lfw" / "pairs.txt", root / "lfw", folds=3, pairs_per_fold=2, seed=3)
     return root
 
 
@@ -151,7 +175,6 @@ def _config(faces: Path, run_dir: Path, model: dict) -> dict:
                 "train_dir": str(faces / "train"),
                 "pairs_file": str(faces / "lfw" / "pairs.txt"),
                 "pairs_dir": str(faces / "lfw"),
-                "input_size": 32,
                 "identities_per_batch": 3,
                 "images_per_identity": 2,
                 "batch_size": 8,
@@ -183,7 +206,10 @@ def test_triplet_fit_and_test_through_the_cli(
     assert "paper 1.0 MobileNet-160" in printed and "ours 0.25 MobileNet-32 (triplet)" in printed
     assert (tmp_path / "plots" / "faces_roc.png").stat().st_size > 1000
     report = json.loads((tmp_path / "plots" / "faces_report.json").read_text())
-    assert 0.0 <= report["accuracy"] <= 1.0 and report["num_pairs"] == 12 and report["num_folds"] == 3
+    assert report["num_pairs"] == 12 and report["num_folds"] == 3
+    # 3 folds of 4 pairs: each fold scores k/4, the 10-fold accuracy is their mean k/12, and the table says so
+    assert report["accuracy"] * 12 == pytest.approx(round(report["accuracy"] * 12), abs=1e-9)
+    assert f"10-fold accuracy {100 * report['accuracy']:.1f}% ± {100 * report['accuracy_std']:.1f}" in printed
 
 
 class _Teacher(torch.nn.Module):
@@ -230,3 +256,18 @@ def test_distillation_without_a_teacher_is_a_clear_error(faces: Path, tmp_path: 
     config = _config(faces, tmp_path / "run", {"loss": "distill"})
     with pytest.raises(ValueError, match="loss: distill needs a teacher file"):
         lightning_cli({"subcommand": "fit", "fit": config})
+
+
+@pytest.mark.slow
+def test_demo_step_quick_learns_from_the_official_weights(tmp_path: Path) -> None:
+    from mobilenets.tasks.cli.demo.faces import PROBES, run_demo
+
+    rows = {row.metric: row for row in run_demo(tmp_path, quick=True)}
+    accuracy = next(row for metric, row in rows.items() if metric.startswith("10-fold accuracy"))
+    assert accuracy.baseline == "50.0% (chance)"
+    # held-out people, fine-tuned for a few dozen steps from ImageNet features: clearly above chance
+    assert float(accuracy.value.rstrip("%")) >= 75.0
+    probes = next(row for metric, row in rows.items() if metric.startswith("held-out probes identified"))
+    found, total = map(int, probes.value.split("/"))
+    assert total == PROBES and found >= 2  # chance: about 1 in 4
+    assert (tmp_path / "index").is_dir() and (tmp_path / "plots" / "faces_roc.png").stat().st_size > 1000
