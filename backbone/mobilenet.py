@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobilenets.backbone.errors import MobilenetsError
+
 Activation = Literal["relu", "relu6"]
 Padding = Literal["torch", "tf"]
 
@@ -65,7 +67,7 @@ class FeatureTap:
     stride: int
 
 
-class MobileNetConfigError(ValueError):
+class MobileNetConfigError(MobilenetsError, ValueError):
     """A backbone option outside what the model supports."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.mobilenet import BLOCK_SPECS
 
 #: The flatbuffer file identifier of TFLite models, at bytes 4-8 of the file.
@@ -42,7 +43,7 @@ OFFICIAL_DIR = Path(__file__).resolve().parent / "official"
 OFFICIAL_WEIGHTS: dict[str, str] = {"0.25_128": "mobilenet_v1_0.25_128_quant.tflite"}
 
 
-class TFLiteFormatError(ValueError):
+class TFLiteFormatError(MobilenetsError, ValueError):
     """A TFLite file that is not a MobileNet v1 this reader understands; the message names the file."""
 
 

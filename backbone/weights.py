@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.inference import FOLDED_BATCHNORM_ATTR
 from mobilenets.backbone.mobilenet import BLOCK_SPECS, SHALLOW_REMOVED_BLOCKS, MobileNetV1
 from mobilenets.backbone.tflite import (
@@ -57,7 +58,7 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(MobilenetsError, ValueError):
     """A weight file that cannot be read or does not fit the backbone; the message names the file."""
 
 

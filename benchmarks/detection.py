@@ -30,11 +30,11 @@ def time_eval(num_images: int, dets: int, repeats: int) -> None:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from mobilenets.datasets.synthetic_detection import make_eval_set
+    from mobilenets.datasets.synthetic.coco import make_coco_eval_set
     from mobilenets.tasks.detection.coco_eval import evaluate_detections
 
     print(f"generating {num_images} images x {dets} detections ...", flush=True)
-    ground_truth, results = make_eval_set(num_images, dets)
+    ground_truth, results = make_coco_eval_set(num_images, dets)
     with tempfile.TemporaryDirectory() as tmp:
         gt_path, res_path = Path(tmp) / "instances_val.json", Path(tmp) / "detections.json"
         gt_path.write_text(json.dumps(ground_truth))

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 
 from mobilenets.datasets.celeba import CelebADataModule
-from mobilenets.datasets.synthetic_faces_attributes import write_synthetic_celeba
+from mobilenets.datasets.synthetic.celeba import make_celeba
 from mobilenets.tasks.attributes import AttributeModel
 from mobilenets.tasks.base import TASK_CLASS_KEY
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     try:
-        write_synthetic_celeba(work / "celeba", args.images, size=(89, 109))
+        make_celeba(work / "celeba", args.images, size=(89, 109))
         teacher = work / "teacher.ckpt"
         save_teacher(teacher, args.teacher_width, args.teacher_size)
         modes = ["labels only", "teacher cached", "teacher online"]

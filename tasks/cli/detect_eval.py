@@ -41,7 +41,7 @@ def run_model(
     checkpoint = read_checkpoint(ckpt_path)
     model.load_state_dict(checkpoint["state_dict"])
     dataset = datamodule.make_dataset(stage)
-    loader = datamodule._loader(dataset, shuffle=False)
+    loader = datamodule._loader(dataset)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     results: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from mobilenets.datasets.faces import FaceDataError, FaceSample, load_face_samples, parse_pairs
 from mobilenets.tasks.faces.index import (
     INDEX_KINDS,
+    METADATA_FILE,
     FaceIndex,
     FaceIndexError,
     ImageEmbedder,
@@ -50,6 +51,11 @@ def calibrate_threshold(embedder: ImageEmbedder, pairs_file: Path, pairs_dir: Pa
 
 
 def build(args: argparse.Namespace) -> int:
+    if (args.out / METADATA_FILE).exists() and not args.overwrite:  # before minutes of embedding
+        raise FaceIndexError(
+            f"{args.out}: already holds a face index ({args.out / METADATA_FILE}); choose another --out or "
+            "pass --overwrite to replace it"
+        )
     samples = _gallery_samples(args)
     embedder = ImageEmbedder.load(args.ckpt_path)
     params = {
@@ -86,6 +92,7 @@ def build(args: argparse.Namespace) -> int:
         params=params,
         threshold=threshold,
         threshold_source=source,
+        overwrite=args.overwrite,
     )
     print(f"built {index.describe()}")
     return 0
@@ -160,6 +167,14 @@ def search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cosine(text: str) -> float:
+    """A threshold on cosine similarity: a finite number (NaN would make every comparison false)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite cosine similarity, got {text!r}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobilenets faces", description="face-embedding search indexes (faiss)"
@@ -184,13 +199,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="FaceEmbedder checkpoint",
     )
     b.add_argument("--out", type=Path, required=True, help="index directory to write")
+    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     b.add_argument("--index", choices=INDEX_KINDS, help="index type (default: chosen from the gallery size)")
     b.add_argument("--nlist", type=int, help="IVF lists (default ≈ 4·sqrt(n))")
     b.add_argument("--nprobe", type=int, help="IVF lists searched per query")
     b.add_argument("--k-factor", type=int, help="ivf-rerank: candidates re-ranked exactly per result (16)")
     b.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node")
     b.add_argument("--ef-search", type=int, help="HNSW search breadth")
-    b.add_argument("--threshold", type=float, help="cosine below which a probe is 'unknown'")
+    b.add_argument("--threshold", type=cosine, help="cosine below which a probe is 'unknown'")
     b.add_argument("--pairs", type=Path, help="LFW pairs.txt to choose the threshold on")
     b.add_argument("--pairs-dir", type=Path, help="image folder of --pairs (default: its folder)")
     b.set_defaults(run=build)
@@ -221,7 +237,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=Path, required=True)
     s.add_argument("--image", type=Path, required=True, help="probe photo (an aligned face crop)")
     s.add_argument("-k", type=int, default=5)
-    s.add_argument("--threshold", type=float, help="override the index's 'unknown' threshold")
+    s.add_argument("--threshold", type=cosine, help="override the index's 'unknown' threshold")
     s.add_argument(
         "--ckpt_path", "--ckpt-path", dest="ckpt_path", type=Path, help="model (default: the index's)"
     )
@@ -232,8 +248,4 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (FaceIndexError, FaceDataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return int(args.run(args))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mobilenets.datasets.geotags import GeotagError, check_coordinate, read_geotags
+from mobilenets.backbone.errors import ConfigError
+from mobilenets.datasets.atomic import atomic_paths
+from mobilenets.datasets.geotags import check_coordinate, read_geotags
 from mobilenets.datasets.s2cells import (
     MAX_LEVEL,
     PLANET_MAX_PHOTOS,
@@ -66,41 +67,37 @@ def partition_main(argv: list[str]) -> int:
     add_column_options(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        table = read_geotags(
-            args.geotags,
-            image_column=None,
-            lat_column=args.lat_column,
-            lon_column=args.lon_column,
-            delimiter=args.delimiter,
-            skip_invalid_rows=args.skip_invalid_rows,
-        )
-        read_s = time.perf_counter() - start
-        start = time.perf_counter()
-        partition = build_partition(
-            table.lat, table.lon, args.max_photos, args.min_photos, args.min_level, args.max_level
-        )
-    except (GeotagError, PartitionError) as error:
-        print(f"mobilenets geo partition: {error}", file=sys.stderr)
-        return 2
+    table = read_geotags(
+        args.geotags,
+        image_column=None,
+        lat_column=args.lat_column,
+        lon_column=args.lon_column,
+        delimiter=args.delimiter,
+        skip_invalid_rows=args.skip_invalid_rows,
+    )
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    partition = build_partition(
+        table.lat, table.lon, args.max_photos, args.min_photos, args.min_level, args.max_level
+    )
     build_s = time.perf_counter() - start
     if len(partition) == 0:
-        print(
-            f"mobilenets geo partition: {args.geotags}: no cell keeps {args.min_photos} photos "
-            f"({len(table)} photos); lower --min-photos",
-            file=sys.stderr,
+        raise PartitionError(
+            f"{args.geotags}: no cell keeps {args.min_photos} photos ({len(table)} photos); lower --min-photos"
         )
-        return 2
-    partition.write_csv(args.out)
+    geojson = None if args.no_geojson else args.geojson or args.out.with_suffix(".geojson")
+    # the CSV (the classes) and the GeoJSON (their polygons) are one result: both new, or both old
+    with atomic_paths(args.out, *([geojson] if geojson else [])) as temps:
+        partition.write_csv(temps[0])
+        if geojson:
+            partition.write_geojson(temps[1])
     print(f"read {len(table):,} coordinates from {args.geotags} in {read_s:.2f} s", end="")
     print(f" ({table.skipped_rows} invalid rows skipped)" if table.skipped_rows else "")
     print(f"partitioned in {build_s:.2f} s: {partition.summary()}")
     levels, counts = np.unique(partition.levels, return_counts=True)
     print("cells per level: " + ", ".join(f"{lv}: {n}" for lv, n in zip(levels.tolist(), counts.tolist())))
     print(f"wrote {args.out}")
-    if not args.no_geojson:
-        geojson = args.geojson or args.out.with_suffix(".geojson")
-        partition.write_geojson(geojson)
+    if geojson:
         print(f"wrote {geojson}")
     return 0
 
@@ -153,9 +150,5 @@ def main(argv: list[str]) -> int:
         print("  cells      print the S2 cell (and partition class) of LAT,LON coordinates")
         return 0
     if argv[0] not in SUBCOMMANDS:
-        print(
-            f"mobilenets geo: unknown subcommand {argv[0]!r}; choose from {list(SUBCOMMANDS)}",
-            file=sys.stderr,
-        )
-        return 2
+        raise ConfigError(f"unknown subcommand {argv[0]!r}; choose from {list(SUBCOMMANDS)}")
     return SUBCOMMANDS[argv[0]](argv[1:])

@@ -18,11 +18,11 @@ Detection models export raw box deltas and class logits; they need the task's do
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from mobilenets.datasets.atomic import write_csv_atomic
 from mobilenets.datasets.images import images_in_folder
@@ -39,7 +39,11 @@ from mobilenets.tasks.prediction_files import embedding_rows, multilabel_rows, t
 
 
 def onnx_predict(
-    onnx_path: str | Path, paths: Sequence[Path], batch_size: int = 16, threads: int | None = None
+    onnx_path: str | Path,
+    paths: Sequence[Path],
+    batch_size: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
 ) -> tuple[list[np.ndarray], dict[str, str]]:
     """Outputs of the ONNX model on ``paths`` (each output concatenated over the images) and its metadata."""
     onnx_path = Path(onnx_path)
@@ -48,8 +52,16 @@ def onnx_predict(
     metadata = onnx_metadata(onnx_path)
     session = ort_session(onnx_path, threads)
     chunks: list[list[np.ndarray]] = []
-    for start in range(0, len(paths), batch_size):
-        chunks.append(run_onnx(session, preprocess_images(paths[start : start + batch_size], metadata)))
+    with tqdm(
+        total=len(paths),
+        desc=f"onnx-predict {onnx_path.name}",
+        unit="image",
+        disable=None if progress else True,  # None: a bar on a terminal only, not in logs or pipes
+    ) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = paths[start : start + batch_size]
+            chunks.append(run_onnx(session, preprocess_images(batch, metadata)))
+            bar.update(len(batch))
     outputs = (
         [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))] if chunks else []
     )
@@ -100,13 +112,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     args = parser.parse_args(argv)
-    try:
-        paths = images_in_folder(args.images, "--images", ExportError)
-        outputs, metadata = onnx_predict(args.model, paths, args.batch_size, args.threads)
-        rows = prediction_rows(paths, outputs, metadata, args.top_k)
-    except (ExportError, OSError) as error:
-        print(f"mobilenets onnx-predict: error: {error}", file=sys.stderr)
-        return 1
+    paths = images_in_folder(args.images, "--images", ExportError)
+    outputs, metadata = onnx_predict(args.model, paths, args.batch_size, args.threads)
+    rows = prediction_rows(paths, outputs, metadata, args.top_k)
     write_csv_atomic(args.out, rows)
     print(f"wrote predictions of {len(paths)} images ({output_kind(metadata)}) to {args.out}")
     return 0

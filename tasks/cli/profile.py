@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from mobilenets.backbone.errors import ConfigError
 from mobilenets.backbone.profile import (
     PAPER_IMAGENET_ROWS,
     Profile,
@@ -17,9 +18,7 @@ from mobilenets.backbone.profile import (
 )
 from mobilenets.tasks.base import BaseTask
 
-
-class ConfigError(ValueError):
-    """A config file that cannot be profiled; the message names the file and key."""
+__all__ = ["ConfigError", "instantiate_model_from_config", "main"]
 
 
 def instantiate_model_from_config(path: Path, overrides: dict[str, Any] | None = None) -> Any:
@@ -31,7 +30,9 @@ def instantiate_model_from_config(path: Path, overrides: dict[str, Any] | None =
     except FileNotFoundError as error:
         raise ConfigError(f"{path}: config file not found") from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem or error}") from error
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConfigError(f"{path}: expected a 'model:' section with class_path and init_args")
     model = dict(config["model"])

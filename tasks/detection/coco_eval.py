@@ -20,7 +20,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.datasets.atomic import write_text_atomic
+from mobilenets.tasks.paper import paper_table
 
 Engine = Literal["faster", "pycocotools"]
 
@@ -53,15 +55,16 @@ COCO_STAT_LABELS: tuple[str, ...] = (
     "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
     "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
 )
-#: Table 13's MobileNet rows: config name → (mAP %, billion mult-adds, million parameters).
+#: Table 13's MobileNet rows (``tasks/paper.py``) as ``format_result`` prints them: config name → (mAP %,
+#: billion mult-adds, million parameters).
 PAPER_TABLE13: dict[str, tuple[float, float, float]] = {
-    "SSD 300": (19.3, 1.2, 6.8),
-    "Faster-RCNN 300": (16.4, 25.2, 6.1),
-    "Faster-RCNN 600": (19.8, 30.5, 6.1),
+    row.model.removesuffix(" MobileNet"): (row.metric, row.million_mult_adds / 1000, row.million_parameters)
+    for row in paper_table(13)
+    if row.width_mult is not None and row.million_mult_adds is not None and row.million_parameters is not None
 }
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(MobilenetsError, ValueError):
     """A COCO results file that cannot be evaluated; the message names the file and the entry."""
 
 
@@ -97,20 +100,48 @@ def _read_json(path: Path, what: str) -> Any:
         ) from error
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _box_problem(bbox: Any) -> str | None:
+    """What is wrong with a COCO ``[x, y, width, height]`` box, or None. COCO's tools accept a zero or
+    negative width silently (an impossible box that can match nothing, or one that matches wrongly)."""
+    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(map(_is_number, bbox))):
+        return f"'bbox' must be [x, y, width, height] of numbers, got {bbox!r}"
+    if not all(math.isfinite(v) for v in bbox):
+        return f"'bbox' {list(bbox)} is not finite"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"'bbox' {list(bbox)} has a width or height <= 0 (expected [x, y, width > 0, height > 0])"
+    return None
+
+
+def check_results(results: Sequence[Any], source: str) -> None:
+    """Each detection has ``image_id``, ``category_id``, a box of positive size and a finite numeric
+    ``score``; the message names ``source`` and the entry's index."""
+    for index, det in enumerate(results):
+        if not isinstance(det, dict) or not {"image_id", "category_id", "bbox", "score"} <= det.keys():
+            raise ResultsFormatError(
+                f"{source}: entry {index} needs 'image_id', 'category_id', 'bbox' and 'score'"
+            )
+        problem = _box_problem(det["bbox"])
+        if problem:
+            raise ResultsFormatError(f"{source}: entry {index}: {problem}")
+        score = det["score"]
+        if not _is_number(score) or not math.isfinite(score):
+            # pycocotools ranks a NaN score anywhere and faster-coco-eval fails: neither is a result
+            raise ResultsFormatError(
+                f"{source}: entry {index}: 'score' must be a finite number, got {score!r}"
+            )
+
+
 def load_results(path: str | Path) -> list[dict[str, Any]]:
-    """Read a COCO results file, checking each entry's keys and box."""
+    """Read a COCO results file, checking each entry's keys, box and score."""
     path = Path(path)
     results = _read_json(path, "results")
     if not isinstance(results, list):
         raise ResultsFormatError(f"{path}: expected a JSON list of detections, got {type(results).__name__}")
-    for index, det in enumerate(results):
-        if not isinstance(det, dict) or not {"image_id", "category_id", "bbox", "score"} <= det.keys():
-            raise ResultsFormatError(
-                f"{path}: entry {index} needs 'image_id', 'category_id', 'bbox' and 'score'"
-            )
-        bbox = det["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ResultsFormatError(f"{path}: entry {index}: 'bbox' must be [x, y, width, height]")
+    check_results(results, str(path))
     return results
 
 
@@ -120,10 +151,50 @@ def load_ground_truth(path: str | Path) -> dict[str, Any]:
     payload = _read_json(path, "annotation")
     if not isinstance(payload, dict):
         raise ResultsFormatError(f"{path}: expected a JSON object with images/annotations/categories")
+    check_ground_truth(payload, str(path))
+    return payload
+
+
+def check_ground_truth(payload: dict[str, Any], source: str) -> None:
+    """The instances file is one COCOeval can score faithfully: unique image and category ids, and every
+    annotation on a listed image, of a listed category, with a box of positive size. COCO's tools accept each
+    of these silently (a duplicate image id overwrites, a box of zero width can never match)."""
     for key in ("images", "annotations", "categories"):
         if not isinstance(payload.get(key), list):
-            raise ResultsFormatError(f"{path}: missing or non-list key {key!r} (COCO instances format)")
-    return payload
+            raise ResultsFormatError(f"{source}: missing or non-list key {key!r} (COCO instances format)")
+    for key in ("images", "categories"):
+        seen: set[Any] = set()
+        for index, entry in enumerate(payload[key]):
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise ResultsFormatError(f"{source}: {key}[{index}] has no 'id'")
+            if entry["id"] in seen:
+                raise ResultsFormatError(
+                    f"{source}: {key}[{index}] repeats id {entry['id']!r} (ids must be unique)"
+                )
+            seen.add(entry["id"])
+    image_ids = {image["id"] for image in payload["images"]}
+    category_ids = {category["id"] for category in payload["categories"]}
+    annotation_ids: set[Any] = set()
+    for index, ann in enumerate(payload["annotations"]):
+        where = f"{source}: annotations[{index}]"
+        if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= ann.keys():
+            raise ResultsFormatError(f"{where} needs 'image_id', 'category_id' and 'bbox'")
+        where += f" (id {ann['id']})" if "id" in ann else ""
+        if "id" in ann:
+            if ann["id"] in annotation_ids:
+                raise ResultsFormatError(f"{where} repeats an annotation id (ids must be unique)")
+            annotation_ids.add(ann["id"])
+        if ann["image_id"] not in image_ids:
+            raise ResultsFormatError(
+                f"{where} is on image_id {ann['image_id']!r}, which 'images' does not list"
+            )
+        if ann["category_id"] not in category_ids:
+            raise ResultsFormatError(
+                f"{where} has category_id {ann['category_id']!r}, which 'categories' does not define"
+            )
+        problem = _box_problem(ann["bbox"])
+        if problem:
+            raise ResultsFormatError(f"{where}: {problem}")
 
 
 def _check_results_match(
@@ -188,6 +259,8 @@ def evaluate_detections(
     results list scores 0 everywhere (COCO's tools refuse to load one).
     """
     start = time.perf_counter()
+    # files are user input and checked entry by entry; dicts come from the suite's own loaders and models
+    # (a detector may clip a box to zero width at the image border: it simply matches nothing)
     if isinstance(ground_truth, str | Path):
         ground_truth = load_ground_truth(ground_truth)
     source = str(results) if isinstance(results, str | Path) else "results"

@@ -6,6 +6,8 @@ metric, index type and parameters, the "unknown" threshold, creation time) and t
 (``os.replace``) and only then deletes the old faiss file: a crash or full disk at any point leaves either
 the old or the new index complete, never a mix. An ``ivf-rerank`` index has a second file of the exact vectors
 (``vectors-<token>.faiss``, named by ``meta.json``'s ``vectors_file``), written and swapped the same way.
+A save killed before its clean-up (SIGKILL, power loss) leaves faiss files that ``meta.json`` does not name,
+or hidden temporaries; the next save removes them (``FaceIndex.orphaned_files``), so nothing accumulates.
 
 Similarity is the inner product of L2-normalised embeddings (cosine); every faiss index is built with
 ``METRIC_INNER_PRODUCT``. Index types: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivf-rerank`` (IVF lists of
@@ -30,7 +32,8 @@ import faiss
 import numpy as np
 import torch
 
-from mobilenets.datasets.atomic import atomic_path
+from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.atomic import atomic_path, temporary_pattern
 from mobilenets.datasets.images import CorruptImageError, load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
 from mobilenets.tasks.base import BaseTask, CheckpointError
@@ -52,7 +55,7 @@ IVF_LIMIT = 10_000_000
 FALLBACK_THRESHOLD = 0.5
 
 
-class FaceIndexError(ValueError):
+class FaceIndexError(MobilenetsError, ValueError):
     """A face index, model or probe that cannot be used as asked; the message names the file."""
 
 
@@ -385,9 +388,17 @@ class FaceIndex:
         params: dict[str, int] | None = None,
         threshold: float | None = None,
         threshold_source: str = "user",
+        overwrite: bool = False,
     ) -> FaceIndex:
-        """Build an index over ``embeddings`` (rows L2-normalised here) and save it to ``directory``."""
+        """Build an index over ``embeddings`` (rows L2-normalised here) and save it to ``directory``; an
+        index already there (perhaps of another model) is replaced only with ``overwrite``."""
         directory = Path(directory)
+        existing = directory / METADATA_FILE
+        if existing.exists() and not overwrite:
+            raise FaceIndexError(
+                f"{directory}: already holds a face index ({existing}); choose another folder or pass "
+                "--overwrite to replace it"
+            )
         if len(embeddings) == 0:
             raise FaceIndexError(f"{directory}: cannot build an index from an empty gallery")
         embeddings = normalize_rows(embeddings)
@@ -642,6 +653,23 @@ class FaceIndex:
         for old_file in old_files:
             if old_file and old_file not in new_files.values():
                 (directory / old_file).unlink(missing_ok=True)
+        for orphan in self.orphaned_files():
+            log.info("removed %s, left by an interrupted save of this index", orphan)
+            orphan.unlink(missing_ok=True)
+
+    def orphaned_files(self) -> list[Path]:
+        """Files of this index's naming scheme that its ``meta.json`` does not name: the new files of a save
+        killed before it replaced ``meta.json``, the old files of one killed after, hidden temporaries.
+        Only a save removes them: a reader must not delete what a concurrent save is writing."""
+        named = {self.metadata.get(key) for key in ("index_file", "vectors_file")}
+        candidates = [
+            *self.directory.glob("index-*.faiss"),
+            *self.directory.glob("vectors-*.faiss"),
+            *self.directory.glob(temporary_pattern("index-*.faiss")),
+            *self.directory.glob(temporary_pattern("vectors-*.faiss")),
+            *self.directory.glob(temporary_pattern(METADATA_FILE)),
+        ]
+        return sorted(path for path in candidates if path.name not in named and path.is_file())
 
     # ------------------------------------------------------------------ search
     def embed_query(self, query: str | Path | np.ndarray | torch.Tensor) -> np.ndarray:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilenets.tasks.figures import pyplot, save_figure
+
 
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     """Every threshold that changes a decision: midpoints between consecutive distinct scores, plus one
@@ -25,11 +27,13 @@ def accuracy_at(scores: np.ndarray, same: np.ndarray, threshold: float) -> float
 
 
 def best_accuracy_threshold(scores: np.ndarray, same: np.ndarray) -> float:
-    """The threshold of highest accuracy on these pairs (the lowest such one on ties)."""
+    """The threshold of highest accuracy on these pairs; on ties the strictest (the highest similarity),
+    as FaceNet's reference ``calculate_roc`` picks it (``np.argmax`` over ascending distance thresholds
+    takes the first, i.e. smallest, distance)."""
     thresholds = candidate_thresholds(scores)
     accepted = scores[None, :] > thresholds[:, None]
     accuracy = (accepted == same[None, :]).mean(axis=1)
-    return float(thresholds[int(np.argmax(accuracy))])
+    return float(thresholds[len(thresholds) - 1 - int(np.argmax(accuracy[::-1]))])
 
 
 def val_far(scores: np.ndarray, same: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -149,12 +153,7 @@ def roc_curve(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def plot_roc(path: str | Path, scores: np.ndarray, same: np.ndarray, title: str = "LFW-style pairs") -> Path:
     """Write the ROC curve (log-scaled FAR) as a PNG, atomically; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
+    plt = pyplot()
     far, tar = roc_curve(scores, same)
     figure, axis = plt.subplots(figsize=(5, 4))
     floor = 1.0 / max(int((~np.asarray(same, dtype=bool)).sum()), 1)
@@ -169,9 +168,4 @@ def plot_roc(path: str | Path, scores: np.ndarray, same: np.ndarray, title: str 
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
+    return save_figure(figure, path, dpi=100)

@@ -13,7 +13,7 @@ import torch
 
 from mobilenets.datasets.faces import FaceDataError, FaceDataModule
 from mobilenets.datasets.images import list_images
-from mobilenets.datasets.synthetic_faces import make_identity_folders
+from mobilenets.datasets.synthetic.faces import make_identity_folders
 from mobilenets.tasks.attributes import AttributeModel
 from mobilenets.tasks.cli import main
 from mobilenets.tasks.deploy.export import export_onnx, preprocess_images
@@ -68,7 +68,6 @@ def predict_attributes(run_predict: Any) -> Any:
             "model.init_args.input_size": SIZE,
             "data.init_args.root": run / "no_celeba_here",
             "data.init_args.predict_dir": faces,
-            "data.init_args.input_size": SIZE,
             "data.init_args.batch_size": 3,
         }
         if out is not None:
@@ -160,7 +159,6 @@ def predict_embeddings(run_predict: Any) -> Any:
             "model.init_args.input_size": SIZE,
             "model.init_args.embedding_size": 8,
             "data.init_args.predict_dir": faces,
-            "data.init_args.input_size": SIZE,
             "data.init_args.batch_size": 3,
         }
         if out is not None:

@@ -14,8 +14,8 @@ from torch import nn
 
 from mobilenets.configs import CONFIG_DIR
 from mobilenets.datasets.images import list_images
-from mobilenets.datasets.synthetic import make_image_folder
-from mobilenets.datasets.synthetic_geo import write_geotag_dataset
+from mobilenets.datasets.synthetic.folder import make_image_folder
+from mobilenets.datasets.synthetic.geotags import make_geotags
 from mobilenets.tasks.attributes import AttributeModel
 from mobilenets.tasks.base import BaseTask
 from mobilenets.tasks.classification import ImageClassifier
@@ -75,7 +75,6 @@ def classify(read_rows: Any, run_predict: Any) -> Any:
                 "model.init_args.weights": run / "missing_imagenet.safetensors",
                 "model.init_args.predictions_file": out,
                 "data.init_args.root": folder,
-                "data.init_args.input_size": SIZE,
                 "data.init_args.batch_size": 5,
                 "data.init_args.predict_dir": folder,
             },
@@ -137,7 +136,7 @@ def test_predict_with_an_int8_export(
 
 
 def test_exports_of_another_task_size_or_normalisation_are_refused_by_key(
-    classifier_files: tuple[Path, Path], folder: Path, tmp_path: Path
+    classifier_files: tuple[Path, Path], folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     _, onnx = classifier_files
     with pytest.raises(
@@ -159,30 +158,35 @@ def test_exports_of_another_task_size_or_normalisation_are_refused_by_key(
         OtherNormalization(width_mult=0.25, input_size=SIZE).use_exported(onnx)
     with pytest.raises(ExportError, match=r"none.onnx: ONNX model not found"):
         ImageClassifier(width_mult=0.25, input_size=SIZE).use_exported(tmp_path / "none.onnx")
-    # through the CLI: the config's input size is not the export's
-    with pytest.raises(ExportMismatchError, match="metadata key 'input_size'"):
-        main(
-            [
-                "predict",
-                "--config", str(CONFIG_DIR / "folder_finetune.yaml"),
-                "--model.init_args.input_size", "64",
-                "--data.init_args.root", str(folder),
-                "--data.init_args.num_workers", "0",
-                "--data.init_args.predict_dir", str(folder),
-                "--trainer.default_root_dir", str(tmp_path / "run"),
-                "--trainer.logger", "false",
-                f"--ckpt_path={onnx}",
-            ]
-        )  # fmt: skip
+    # through the CLI: the config's input size is not the export's; one line, exit 2
+    capsys.readouterr()
+    assert main(
+        [
+            "predict",
+            "--config", str(CONFIG_DIR / "folder_finetune.yaml"),
+            "--model.init_args.input_size", "64",
+            "--data.init_args.root", str(folder),
+            "--data.init_args.num_workers", "0",
+            "--data.init_args.predict_dir", str(folder),
+            "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger", "false",
+            f"--ckpt_path={onnx}",
+        ]
+    ) == 2  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"mobilenets predict: error: {onnx}: metadata key 'input_size'"), err
 
 
-def test_onnx_serves_predict_only(classifier_files: tuple[Path, Path], folder: Path, tmp_path: Path) -> None:
+def test_onnx_serves_predict_only(
+    classifier_files: tuple[Path, Path], folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     _, onnx = classifier_files
     argv = ["--config", str(CONFIG_DIR / "folder_finetune.yaml"), "--data.init_args.root", str(folder)]
-    with pytest.raises(
-        ValueError, match=r"model.onnx: an exported .onnx model serves 'predict' only; 'test'"
-    ):
-        main(["test", *argv, "--ckpt_path", str(onnx)])
+    assert main(["test", *argv, "--ckpt_path", str(onnx)]) == 2
+    assert capsys.readouterr().err == (
+        f"mobilenets test: error: {onnx}: an exported .onnx model serves 'predict' only; 'test' needs the "
+        "task's .ckpt checkpoint\n"
+    )
 
 
 def test_onnx_network_checks_the_image_size(classifier_files: tuple[Path, Path]) -> None:
@@ -300,7 +304,7 @@ def test_ssd_served_from_onnx_gives_the_detectors_detections(tmp_path: Path) -> 
 def test_geolocation_predict_with_onnx_writes_the_checkpoints_csv(
     tmp_path: Path, read_rows: Any, save_checkpoint: Any
 ) -> None:
-    data = write_geotag_dataset(
+    data = make_geotags(
         tmp_path / "data",
         num_regions=3,
         train_per_region=8,
@@ -323,18 +327,17 @@ def test_geolocation_predict_with_onnx_writes_the_checkpoints_csv(
     )
     config["data"]["init_args"].update(
         partition=str(partition),
-        predict=str(data.test_csv),
+        predict_csv=str(data.test_csv),
         image_root=str(data.image_root),
-        input_size=SIZE,
         batch_size=4,
         num_workers=0,
     )
     results = {}
     for model in (ckpt, onnx):
         out_dir = tmp_path / model.suffix[1:]
-        # a checkpoint's hyperparameters replace the config's predictions_dir: both runs write to the root
+        # the checkpoint leaves output locations out: the config's predictions_dir is where files go
         config["model"]["init_args"]["predictions_dir"] = str(out_dir)
-        config["trainer"]["default_root_dir"] = str(out_dir)
+        config["trainer"]["default_root_dir"] = str(tmp_path / "root")
         config_path = tmp_path / f"{model.suffix[1:]}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         assert main(["predict", "--config", str(config_path), "--ckpt_path", str(model)]) == 0
@@ -356,11 +359,11 @@ def test_geolocation_predict_with_onnx_writes_the_checkpoints_csv(
 def test_ssd_predict_with_onnx_writes_the_checkpoints_detections(
     tmp_path: Path, save_checkpoint: Any
 ) -> None:
-    from mobilenets.datasets.synthetic_detection import make_shapes_coco
+    from mobilenets.datasets.synthetic.coco import make_coco_shapes
     from mobilenets.tasks.cli.lightning import lightning_cli
     from mobilenets.tasks.detection import SSDDetection
 
-    root = make_shapes_coco(tmp_path / "shapes", {"train": 2, "val": 4}, size_range=(64, 80))
+    root = make_coco_shapes(tmp_path / "shapes", {"train": 2, "val": 4}, size_range=(64, 80))
     torch.manual_seed(0)
     task = SSDDetection(
         num_classes=4,
@@ -390,7 +393,6 @@ def test_ssd_predict_with_onnx_writes_the_checkpoints_detections(
             "root": str(root),
             "train_split": "train",
             "val_split": "val",
-            "input_size": 64,
             "batch_size": 3,
             "num_workers": 0,
             "predict_dir": str(root / "val"),

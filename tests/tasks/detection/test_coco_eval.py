@@ -6,13 +6,15 @@ import contextlib
 import csv
 import io
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mobilenets.datasets.synthetic_detection import make_eval_set
+from mobilenets.datasets.synthetic.coco import make_coco_eval_set
 from mobilenets.tasks.cli.detect_eval import main
 from mobilenets.tasks.detection.coco_eval import (
     COCO_STAT_NAMES,
@@ -24,7 +26,7 @@ from mobilenets.tasks.detection.coco_eval import (
 @pytest.fixture(scope="module")
 def eval_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("coco_eval")
-    ground_truth, results = make_eval_set(num_images=60, dets_per_image=40, num_categories=12, seed=3)
+    ground_truth, results = make_coco_eval_set(num_images=60, dets_per_image=40, num_categories=12, seed=3)
     gt_path, res_path = root / "instances_val.json", root / "detections.json"
     gt_path.write_text(json.dumps(ground_truth))
     res_path.write_text(json.dumps(results))
@@ -108,3 +110,64 @@ def test_bad_results_are_named(eval_files: tuple[Path, Path], tmp_path: Path) ->
         evaluate_detections(gt_path, bad)
     empty = evaluate_detections(gt_path, [])
     assert empty.stats == (0.0,) * 12 and empty.num_detections == 0
+
+
+def _mutated(gt_path: Path, res_path: Path, where: str, change: Any) -> tuple[dict, list]:
+    ground_truth, results = json.loads(gt_path.read_text()), json.loads(res_path.read_text())
+    change(ground_truth if where == "gt" else results)
+    return ground_truth, results
+
+
+def _set(path: str, value: Any) -> Any:
+    """A change to a nested JSON value: ``path`` like ``annotations.3.bbox.2``."""
+
+    def change(payload: Any) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            payload = payload[int(key)] if key.isdigit() else payload[key]
+        payload[int(last) if last.isdigit() else last] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("where", "change", "message"),
+    [
+        ("gt", _set("annotations.3.bbox.2", 0), r"annotations\[3\] \(id \d+\): 'bbox' \[.*\] has a width or height <= 0"),
+        ("gt", _set("annotations.5.bbox.3", -2.5), r"annotations\[5\] \(id \d+\): 'bbox' \[.*\] has a width or height <= 0"),
+        ("gt", _set("annotations.4.category_id", 77), r"annotations\[4\] \(id \d+\) has category_id 77, which 'categories' does not define"),
+        ("gt", _set("annotations.6.image_id", 4242), r"annotations\[6\] \(id \d+\) is on image_id 4242, which 'images' does not list"),
+        ("gt", _set("images.7.id", 1), r"images\[7\] repeats id 1 \(ids must be unique\)"),
+        ("res", _set("2.bbox.2", -1.0), r"entry 2: 'bbox' \[.*\] has a width or height <= 0"),
+        ("res", _set("8.bbox.3", 0.0), r"entry 8: 'bbox' \[.*\] has a width or height <= 0"),
+        ("res", _set("9.category_id", 77), r"entry 9 has category_id 77 that the annotations do not define"),
+        ("res", _set("4.score", float("nan")), r"entry 4: 'score' must be a finite number, got nan"),
+        ("res", _set("5.score", "0.9"), r"entry 5: 'score' must be a finite number, got '0.9'"),
+        ("res", _set("6.bbox", [1, 2, "3", 4]), r"entry 6: 'bbox' must be \[x, y, width, height\] of numbers"),
+    ],
+)  # fmt: skip
+def test_cli_rejects_what_cocoeval_would_score_silently(
+    eval_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, where: str, change: Any,
+    message: str,
+) -> None:  # fmt: skip
+    from mobilenets.tasks.cli import main as cli_main
+
+    ground_truth, results = _mutated(*eval_files, where, change)
+    gt_path, res_path = tmp_path / "instances.json", tmp_path / "detections.json"
+    gt_path.write_text(json.dumps(ground_truth))
+    res_path.write_text(json.dumps(results))
+    assert cli_main(["detect-eval", "--results", str(res_path), "--annotations", str(gt_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("mobilenets detect-eval: error: ")
+    named = gt_path if where == "gt" else res_path
+    assert re.search(f"error: {re.escape(str(named))}: {message}", err), err
+    assert not (tmp_path / "detections_eval").exists()
+
+
+def test_nan_score_used_to_crash_the_default_engine(eval_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Without the check, pycocotools scores a NaN and faster-coco-eval fails: neither is an answer."""
+    _, results = _mutated(*eval_files, "res", _set("0.score", float("nan")))
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(results))
+    with pytest.raises(ResultsFormatError, match=r"nan\.json: entry 0: 'score' must be a finite number"):
+        evaluate_detections(eval_files[0], path)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from mobilenets.datasets.synthetic_faces import make_identity_folders, make_pairs_file
+from mobilenets.datasets.synthetic.faces import make_identity_folders, make_lfw_pairs
 from mobilenets.tasks.base import TASK_CLASS_KEY
-from mobilenets.tasks.cli.faces import main as faces_main
+from mobilenets.tasks.cli import main
 from mobilenets.tasks.faces.embedding import FaceEmbedder
 from mobilenets.tasks.faces.index import (
     FaceIndex,
@@ -27,6 +27,13 @@ from mobilenets.tasks.faces.index import (
 )
 
 DIM = 16
+
+
+def faces_main(argv: list[str]) -> int:
+    """``mobilenets faces ...`` through the command's entry, where errors become one line and exit 2."""
+    return main(["faces", *argv])
+
+
 MODEL = {"path": "model.ckpt", "sha256": "0" * 64, "embedding_size": DIM}
 KIND_PARAMS = {
     "flat": {},
@@ -439,7 +446,7 @@ def test_cli_errors_name_the_file(gallery: Path, tmp_path: Path, capsys: pytest.
     assert faces_main(["index", "remove", "--index", str(out), "--identity", "Person_0001"]) == 2
     assert "HNSW index cannot remove" in capsys.readouterr().err
 
-    make_pairs_file(tmp_path / "pairs.txt", gallery / "faces", folds=2, pairs_per_fold=2, seed=0)
+    make_lfw_pairs(tmp_path / "pairs.txt", gallery / "faces", folds=2, pairs_per_fold=2, seed=0)
     calibrated = tmp_path / "calibrated"
     build = [
         "index",
@@ -494,3 +501,66 @@ def test_cli_errors_name_the_file(gallery: Path, tmp_path: Path, capsys: pytest.
         "ivf-rerank index with nlist=12 needs at least 16 vectors to train, got 12" in capsys.readouterr().err
     )
     assert not (tmp_path / "y").exists()
+
+
+def test_a_killed_save_leaves_nothing_after_the_next_save(tmp_path: Path) -> None:
+    vectors, paths, identities = clustered(10, 3)
+    FaceIndex.create(tmp_path, vectors[:20], paths[:20], identities[:20], MODEL, kind="ivf-rerank",
+                     params={"nlist": 2, "nprobe": 2})  # fmt: skip
+    named = sorted(p.name for p in tmp_path.iterdir())
+    # what SIGKILL leaves at each step of a save: complete new files not yet named by meta.json, their
+    # hidden temporaries, a half-written meta.json temporary, and old files of a save killed after the swap
+    leftovers = ["index-0123456789ab.faiss", "vectors-0123456789ab.faiss", ".index-ba9876543210.faiss.x1y2.tmp",
+                 ".vectors-ba9876543210.faiss.x1y2.tmp", ".meta.json.q1w2e3.tmp", "index-aaaaaaaaaaaa.faiss"]  # fmt: skip
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    index = FaceIndex.open(tmp_path)  # opening neither fails nor deletes (a save may be under way)
+    assert sorted(p.name for p in index.orphaned_files()) == sorted(leftovers)
+    assert len(list(tmp_path.iterdir())) == len(named) + len(leftovers)
+    index.add(vectors[20:], paths[20:], identities[20:])
+    index.save()
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert len(remaining) == len(named) and not set(remaining) & set(leftovers)
+    assert len(FaceIndex.open(tmp_path)) == 30 and FaceIndex.open(tmp_path).orphaned_files() == []
+
+
+def test_create_refuses_an_existing_index_unless_overwrite(tmp_path: Path) -> None:
+    vectors, paths, identities = clustered(4, 5)
+    FaceIndex.create(tmp_path, vectors, paths, identities, MODEL, kind="ivf-rerank", params={"nlist": 2})
+    old_files = {p.name for p in tmp_path.glob("*.faiss")}
+    with pytest.raises(FaceIndexError, match=f"{tmp_path}: already holds a face index .*--overwrite"):
+        FaceIndex.create(tmp_path, vectors[:6], paths[:6], identities[:6], MODEL)
+    assert len(FaceIndex.open(tmp_path)) == 20
+    FaceIndex.create(tmp_path, vectors[:6], paths[:6], identities[:6], MODEL, kind="flat", overwrite=True)
+    replaced = FaceIndex.open(tmp_path)
+    assert len(replaced) == 6 and replaced.kind == "flat"
+    # the replaced index's two files went with it
+    assert not old_files & {p.name for p in tmp_path.iterdir()} and len(list(tmp_path.glob("*.faiss"))) == 1
+
+
+def test_cli_build_refuses_an_existing_index_and_a_nan_threshold(
+    gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "index"
+    build = ["index", "build", "--gallery", str(gallery / "faces"), "--ckpt_path", str(gallery / "model.ckpt"),
+             "--out", str(out)]  # fmt: skip
+    assert faces_main(build) == 0
+    meta_before = (out / "meta.json").read_text()
+    capsys.readouterr()
+    assert faces_main([*build, "--ckpt_path", str(gallery / "other.ckpt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mobilenets faces: error: {out}: already holds a face index ({out / 'meta.json'}); "
+        "choose another --out or pass --overwrite to replace it"
+    )
+    assert (out / "meta.json").read_text() == meta_before
+    assert faces_main([*build, "--ckpt_path", str(gallery / "other.ckpt"), "--overwrite"]) == 0
+    assert json.loads((out / "meta.json").read_text())["model"]["path"].endswith("other.ckpt")
+    capsys.readouterr()
+    probe = gallery / "faces" / "Person_0002" / "Person_0002_0003.jpg"
+    for command in ([*build, "--overwrite"], ["search", "--index", str(out), "--image", str(probe)]):
+        with pytest.raises(SystemExit) as exit_info:
+            faces_main([*command, "--threshold", "nan"])
+        assert exit_info.value.code == 2
+        assert (
+            "argument --threshold: expected a finite cosine similarity, got 'nan'" in capsys.readouterr().err
+        )
