@@ -5,12 +5,16 @@ Export goes through the task contract of ``tasks/base.py`` only, never through t
 - ``BaseTask.load_task(ckpt)`` rebuilds the task from its checkpoint;
 - ``task.export_module()`` is the network to export (an image batch in, one tensor or a tuple of tensors out);
 - ``task.export_metadata()`` is the ``dict[str, str]`` written as ONNX metadata properties (and as a JSON
-  extra file in TorchScript archives). Keys read here besides the base ones (task, input_size, mean, std):
+  extra file in TorchScript archives): the task's ``ExportMetadata`` record (``tasks/deploy/metadata.py``)
+  as properties. Keys read here besides the base ones (task, input_size, mean, std):
 
   - ``output_kind``: ``logits`` (default; top-1 agreement), ``multilabel_logits`` (mean |Δ| of sigmoid
     probabilities), ``embedding`` (cosine), ``detection`` (cosine of the raw head outputs);
-  - ``output_names``: comma-separated names of the module's outputs (default ``output`` / ``output0,...``);
-  - ``class_names`` / ``attribute_names``: JSON list (or comma-separated) used by ``onnx-predict``.
+  - ``output_names``: the names of the module's outputs (default ``output`` / ``output0,...``);
+  - ``class_names`` / ``attributes``: used by ``onnx-predict``.
+
+  Name lists are JSON lists of strings (``format_name_list``); ``parse_name_list`` also reads the
+  comma-separated form of older exports.
 
 Every export folds batch norm into the convolutions, has a dynamic batch axis, is verified against the
 PyTorch model (max abs difference printed) and is written atomically: a failed verification leaves no file.
@@ -19,7 +23,9 @@ PyTorch model (max abs difference printed) and is written atomically: a failed v
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,8 +35,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.inference import fold_batchnorm
 from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
@@ -50,7 +59,7 @@ TORCHSCRIPT_METADATA_FILE = "mobilenets_metadata.json"
 VERIFY_SEED = 1234
 
 
-class ExportError(RuntimeError):
+class ExportError(MobilenetsError, RuntimeError):
     """An export that failed or could not be verified; nothing was written."""
 
 
@@ -91,7 +100,7 @@ def output_kind(metadata: dict[str, str]) -> str:
 def output_names(metadata: dict[str, str], count: int) -> list[str]:
     """Names of the exported outputs: the ``output_names`` metadata key, or output / output0..N."""
     if metadata.get("output_names"):
-        names = [name.strip() for name in metadata["output_names"].split(",")]
+        names = [name.strip() for name in parse_name_list(metadata["output_names"])]
         if len(names) != count:
             raise ExportError(
                 f"export_metadata: output_names lists {len(names)} names but the module returns {count} outputs"
@@ -100,8 +109,14 @@ def output_names(metadata: dict[str, str], count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output{i}" for i in range(count)]
 
 
+def format_name_list(names: Sequence[str]) -> str:
+    """A list of names as metadata text: a JSON list of strings (a name may hold a comma)."""
+    return json.dumps([str(name) for name in names], ensure_ascii=False)
+
+
 def parse_name_list(value: str | None) -> list[str]:
-    """A metadata list: a JSON list of strings, or comma-separated names."""
+    """A metadata list of names: a JSON list (``format_name_list``), or the comma-separated names of
+    exports written before names were JSON."""
     if not value:
         return []
     if value.lstrip().startswith("["):
@@ -153,7 +168,8 @@ class ExportResult:
 
     def summary(self) -> str:
         text = (
-            f"{self.path}: {self.format}, batch norm folded, dynamic batch; "
+            f"{self.path}: {self.format}, batch norm folded, "
+            f"{'batch 1' if self.metadata.get('batch') == '1' else 'dynamic batch'}; "
             f"max abs difference vs PyTorch {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g})"
         )
         if self.agreement is not None:
@@ -191,14 +207,29 @@ def _check(reference: list[np.ndarray], exported: list[np.ndarray], tolerance: f
 
 # ---------------------------------------------------------------------------------------------- ONNX
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with all graph optimisations (and ``threads`` intra-op threads)."""
+    """An ONNX Runtime CPU session with all graph optimisations (and ``threads`` intra-op threads).
+
+    An int8 export with 8-bit weights (metadata ``int8_weight_bits``) run on an x86 CPU without VNNI gets
+    ONNX Runtime's ``session.x64quantprecision``: its kernels then add products without the int16
+    saturation that 8-bit weights would hit (top-1 agreement 0.80 -> 0.89 at 0.25-128, but 1.4x slower
+    there, which is why such CPUs quantise to 7 bits by default). Thread-pool spinning, denormals-as-zero,
+    sequential execution and I/O binding were measured too: no change beyond the noise (issue 16).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if onnx_metadata(path).get("int8_weight_bits") == "8" and needs_high_precision_int8():
+        options.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def needs_high_precision_int8(flags: set[str] | None = None) -> bool:
+    """Whether 8-bit int8 weights saturate here: an x86 CPU without VNNI (others are unaffected)."""
+    flags = cpu_flags() if flags is None else flags
+    return "sse2" in flags and int8_weight_bits(flags) == 7  # sse2: any x86-64 CPU
 
 
 def run_onnx(session: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
@@ -223,9 +254,117 @@ def set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+@contextlib.contextmanager
+def static_same_padding(module: nn.Module, example: torch.Tensor) -> Iterator[int]:
+    """TF "SAME" convolutions (``Conv2dSame``) of ``module`` with their pads fixed for ``example``'s size,
+    for tracing; yields how many were fixed.
+
+    ``Conv2dSame`` computes its pads from the input's shape, which the exporter records as about twenty
+    Shape/Gather/Sub/Div/Concat/... nodes and a Pad per convolution. ONNX Runtime cannot fold them (the batch
+    is dynamic) and re-lays out its NCHWc tensors around every Pad: 0.25 MobileNet-128 with Google's weights
+    ran at 670 img/s instead of 1,850 (2 AVX2 cores). The exported input size is fixed, so the pads are
+    constants: symmetric ones go into the convolution, asymmetric ones into a constant Pad that
+    ``fuse_pads_into_convs`` folds into the Conv's own pads.
+    """
+    from mobilenets.backbone.mobilenet import Conv2dSame
+
+    convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
+    sizes: dict[nn.Module, tuple[int, ...]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: sizes.__setitem__(m, tuple(args[0].shape[-2:])))
+        for m in convs
+    ]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for conv in convs:
+        pads: list[int] = []  # F.pad order: left, right, top, bottom
+        for size, k, s in zip(reversed(sizes[conv]), reversed(conv.kernel_size), reversed(conv.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        conv.forward = functools.partial(_conv_with_pads, conv, tuple(pads))
+    try:
+        yield len(convs)
+    finally:
+        for conv in convs:
+            del conv.forward
+
+
+def _conv_with_pads(conv: nn.Conv2d, pads: tuple[int, int, int, int], x: torch.Tensor) -> torch.Tensor:
+    if pads[0] == pads[1] and pads[2] == pads[3]:
+        return F.conv2d(
+            x, conv.weight, conv.bias, conv.stride, (pads[2], pads[0]), conv.dilation, conv.groups
+        )
+    return F.conv2d(F.pad(x, pads), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def fuse_pads_into_convs(path: Path) -> int:
+    """Constant-fold ``path`` (ONNX Runtime's basic, hardware-independent level, saved as plain ONNX) and
+    fold every zero Pad of the spatial axes that feeds one Conv into that Conv's ``pads``; returns how many.
+
+    ONNX Runtime leaves such a Pad in place (and, on x86, a layout reorder on each side of it).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with tempfile.TemporaryDirectory(prefix="mobilenets-basic-") as work:
+        options.optimized_model_filepath = str(Path(work) / "basic.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(options.optimized_model_filepath)
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    fused = []
+    for node in graph.node:
+        if node.op_type != "Pad" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        value = node.input[2] if len(node.input) > 2 else ""
+        if mode != b"constant" or (value and (value not in constants or constants[value].any())):
+            continue
+        users = consumers.get(node.output[0], [])
+        pads = constants[node.input[1]].tolist()  # N, C, H, W begins, then N, C, H, W ends
+        if (
+            len(users) != 1
+            or users[0].op_type != "Conv"
+            or len(pads) != 8
+            or any(pads[i] for i in (0, 1, 4, 5))
+        ):
+            continue
+        conv = users[0]
+        old = next((a for a in conv.attribute if a.name == "pads"), None)
+        base = list(old.ints) if old is not None else [0, 0, 0, 0]
+        if old is not None:
+            conv.attribute.remove(old)
+        conv.attribute.append(
+            helper.make_attribute(
+                "pads", [base[0] + pads[2], base[1] + pads[3], base[2] + pads[6], base[3] + pads[7]]
+            )
+        )
+        conv.input[0] = node.input[0]
+        fused.append(node)
+    for node in fused:
+        graph.node.remove(node)
+    used = {""} | {node.domain for node in graph.node}  # ONNX Runtime declares its own domains: drop them
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.save(model, str(path))
+    return len(fused)
+
+
 def _torch_onnx_export(folded: nn.Module, example: torch.Tensor, path: Path, names: list[str]) -> None:
     dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), static_same_padding(folded, example):
         # The TorchScript-based exporter is deprecated in favour of dynamo but is the fast, reliable path
         # for a plain CNN; the backbone's input-size check is a trace-time constant (the size is fixed).
         warnings.simplefilter("ignore")
@@ -240,6 +379,7 @@ def _torch_onnx_export(folded: nn.Module, example: torch.Tensor, path: Path, nam
             do_constant_folding=True,
             dynamo=False,
         )
+    fuse_pads_into_convs(path)
 
 
 def export_onnx(task: nn.Module, out: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
@@ -251,7 +391,12 @@ def export_onnx(task: nn.Module, out: str | Path, tolerance: float = DEFAULT_TOL
     example = sample_inputs(input_size, 2, seed=VERIFY_SEED + 1)
     count = len(_reference_outputs(module, example[:1]))
     names = output_names(metadata, count)
-    metadata = {**metadata, "format": "onnx", "input_name": INPUT_NAME, "output_names": ",".join(names)}
+    metadata = {
+        **metadata,
+        "format": "onnx",
+        "input_name": INPUT_NAME,
+        "output_names": format_name_list(names),
+    }
     metadata.update(batchnorm_folded="true", layout="NCHW", opset=str(OPSET))
     with atomic_path(out) as tmp:
         _torch_onnx_export(folded, example, tmp, names)
@@ -376,15 +521,82 @@ class ImageCalibrationReader:
         self.batches = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
         self.input_name = input_name
         self.position = 0
+        # calibration runs the whole network per batch: a bar on a terminal (none in logs or pipes)
+        self.progress = tqdm(total=len(self.batches), desc="int8 calibration", unit="batch", disable=None)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.batches):
+            self.progress.close()
             return None
         self.position += 1
+        self.progress.update(1)
         return {self.input_name: self.batches[self.position - 1]}
 
     def rewind(self) -> None:
         self.position = 0
+
+
+WeightBits = Literal[7, 8]
+#: /proc/cpuinfo flags of the int8 dot-product instructions that add u8 x s8 products in 32 bits.
+VNNI_FLAGS: tuple[str, ...] = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of the first processor in ``cpuinfo`` (empty where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def int8_weight_bits(flags: set[str] | None = None) -> WeightBits:
+    """8 where the CPU has VNNI (AVX512-VNNI, AVX-VNNI or AMX), else 7.
+
+    Without VNNI, x86 int8 kernels add pairs of u8 x s8 products in int16 (``vpmaddubsw``), which saturates
+    with full-range 8-bit weights (0.25 MobileNet-128, top-1 agreement 0.17 per-tensor); 7-bit weights
+    cannot saturate. VNNI adds in int32, so 8-bit weights are exact there and twice as fine.
+    """
+    flags = cpu_flags() if flags is None else flags
+    return 8 if any(flag in flags for flag in VNNI_FLAGS) else 7
+
+
+def output_layers(path: str | Path) -> list[str]:
+    """Names of the Gemm/MatMul/Conv nodes whose output is a graph output: the layers quantisation keeps in
+    float. An 8-bit output steps the logits by about range/255 (0.15 for ImageNet logits), which flips the
+    top-1 of close classes: at 0.25 MobileNet-128 on real photos, keeping the classifier in float raised
+    agreement 0.89 -> 0.91 (8-bit weights), for a layer of under 2 % of the mult-adds."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    outputs = {output.name for output in graph.output}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in ("Gemm", "MatMul", "Conv") and node.name and outputs.intersection(node.output)
+    ]
+
+
+def unquantized_layers(path: str | Path, kept: Sequence[str] = ()) -> list[str]:
+    """``name (op)`` of every node of a QDQ model that still reads a float weight (a float initializer of
+    two or more dimensions, not through DequantizeLinear): the layers int8 quantisation could not reach,
+    besides the ``kept`` ones it was asked to leave in float."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {
+        init.name
+        for init in graph.initializer
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        and len(init.dims) >= 2
+    }
+    return [
+        f"{node.name or node.output[0]} ({node.op_type})"
+        for node in graph.node
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        and node.name not in kept
+        and weights.intersection(node.input)
+    ]
 
 
 def quantize_onnx(
@@ -393,15 +605,25 @@ def quantize_onnx(
     calibration: np.ndarray,
     heldout: np.ndarray,
     min_agreement: float = 0.99,
+    weight_bits: WeightBits | None = None,
 ) -> AgreementReport:
-    """Static int8 quantisation (QDQ, per-channel 7-bit weights, min-max calibration) of a float ONNX export;
-    writes ``out`` only if the agreement with the float model on ``heldout`` reaches ``min_agreement``."""
+    """Static int8 quantisation (QDQ, per-channel weights, min-max calibration) of a float ONNX export;
+    writes ``out`` only if the agreement with the float model on ``heldout`` reaches ``min_agreement``.
+
+    ``weight_bits`` is 8 or 7 (default: ``int8_weight_bits()`` of this CPU), recorded in the metadata as
+    ``int8_weight_bits``. The layers that produce the outputs stay in float (``output_layers``, listed in
+    ``int8_float_layers``); any other layer whose weight the quantiser leaves in float (an operator it has
+    no int8 form of) is an error naming the layer.
+    """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     float_path, out = Path(float_path), Path(out)
     if len(calibration) == 0 or len(heldout) == 0:
         raise ExportError("int8 quantisation needs at least one calibration and one held-out image")
+    bits = int8_weight_bits() if weight_bits is None else weight_bits
+    if bits not in (7, 8):
+        raise ExportError(f"int8 weight bits must be 7 or 8, got {bits!r}")
     metadata = onnx_metadata(float_path)
     kind = output_kind(metadata)
 
@@ -414,21 +636,36 @@ def quantize_onnx(
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         except Exception:  # pre-processing is an optimisation; quantise the plain export instead
             prepared = float_path
+        kept = output_layers(prepared)
         with atomic_path(out) as tmp:
-            quantize_static(
-                str(prepared),
-                str(tmp),
-                _Reader(calibration.astype(np.float32), metadata.get("input_name", INPUT_NAME)),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                # 7-bit weights: x86 CPUs without VNNI sum pairs of u8 x s8 products in int16, which
-                # saturates with full-range weights (0.25 MobileNet-128 agreement 0.66 -> 0.93, same speed)
-                reduce_range=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+            try:
+                quantize_static(
+                    str(prepared),
+                    str(tmp),
+                    _Reader(calibration.astype(np.float32), metadata.get("input_name", INPUT_NAME)),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=bits == 7,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=kept,
+                )
+            except Exception as error:  # the quantiser's own message names the node it stopped at
+                raise ExportError(f"{float_path}: int8 quantisation failed: {error}") from error
+            left = unquantized_layers(tmp, kept)
+            if left:
+                raise ExportError(
+                    f"{float_path}: int8 quantisation cannot reach {len(left)} layer(s), first {left[0]}: "
+                    "onnxruntime has no int8 form of that operator or weight; not written"
+                )
             set_onnx_metadata(
-                tmp, {**metadata, "quantization": "int8 static QDQ per-channel (7-bit weights)"}
+                tmp,
+                {
+                    **metadata,
+                    "quantization": f"int8 static QDQ per-channel ({bits}-bit weights)",
+                    "int8_weight_bits": str(bits),
+                    "int8_float_layers": ",".join(kept),
+                },
             )
             reference = run_onnx(ort_session(float_path), heldout)
             quantized = run_onnx(ort_session(tmp), heldout)
@@ -447,6 +684,7 @@ def export_int8(
     heldout_paths: Sequence[Path],
     min_agreement: float = 0.99,
     tolerance: float = DEFAULT_TOLERANCE,
+    weight_bits: WeightBits | None = None,
 ) -> ExportResult:
     """Float ONNX export (verified), then int8 quantisation calibrated on ``calibration_paths`` and checked
     on ``heldout_paths``; only the int8 model is written to ``out``."""
@@ -456,7 +694,7 @@ def export_int8(
         metadata = float_result.metadata
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)
-        report = quantize_onnx(float_result.path, out, calibration, heldout, min_agreement)
+        report = quantize_onnx(float_result.path, out, calibration, heldout, min_agreement, weight_bits)
     return ExportResult(
         out,
         "onnx int8",

@@ -11,9 +11,16 @@ date and the machine.
 
 No trained weights are available offline, so the models get signal-preserving random weights
 (delta-orthogonal), batch-norm statistics measured on synthetic structured images (10 classes of tinted,
-oriented gratings, ``datasets/synthetic_calibration.py``) and a softmax-regression head trained on the
+oriented gratings, ``datasets/synthetic/calibration.py``) and a softmax-regression head trained on the
 frozen features of those classes. Without this, random networks push activations into denormal floats
 (slow on every runtime) and int8/float agreement would be measured on near-ties of a random head.
+
+``litert_report`` (``mobilenets bench --peer litert``, extra ``litert``) is the other peer: Google's official
+MobileNet v1 files (α 0.25/0.5/0.75/1.0 at 128/160/192/224; 1.0 is released as the body only, so bodies are
+compared) in LiteRT's XNNPACK interpreter, beside our ONNX Runtime fp32 and int8 exports of the SAME weights
+(``load_pretrained`` of the file), at batch 1 on 1 and 2 threads, alternating in one run. With real weights,
+int8/float agreement is measured on real photos (crops, flips and rescalings of the few available offline).
+The table header names the CPU's ISA (AVX2, AVX-512, VNNI), on which int8 speed and precision depend.
 """
 
 from __future__ import annotations
@@ -34,14 +41,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.inference import InferenceModel, inference_model, recalibrate_batchnorm
 from mobilenets.backbone.mobilenet import MobileNetV1
 from mobilenets.backbone.weights import filter_timm_state_dict
 from mobilenets.datasets.atomic import write_text_atomic
-from mobilenets.datasets.synthetic_calibration import write_pattern_images
+from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.deploy.export import (
     agreement,
+    cpu_flags,
     export_onnx,
+    int8_weight_bits,
+    needs_high_precision_int8,
+    onnx_metadata,
     ort_session,
     preprocess_images,
     quantize_onnx,
@@ -54,7 +66,7 @@ BENCH_END = "<!-- bench:end -->"
 HEAD_CLASSES = 10
 
 
-class BenchError(RuntimeError):
+class BenchError(MobilenetsError, RuntimeError):
     """A benchmark that cannot run or write its report; the message says why."""
 
 
@@ -149,7 +161,7 @@ def pattern_batches(root: Path, input_size: int, per_class: int, seed: int) -> t
     """Synthetic grating images written as JPEGs, prepared with the eval transform: (images, labels)."""
 
     size = round(input_size / 0.875) + 8
-    samples = write_pattern_images(root, per_class, HEAD_CLASSES, size, seed)
+    samples = make_calibration_patterns(root, per_class, HEAD_CLASSES, size, seed)
     metadata = {"input_size": str(input_size), "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
     images = preprocess_images([p for p, _ in samples], metadata)
     return images, np.array([label for _, label in samples])
@@ -234,10 +246,11 @@ def copy_timm_into_ours(peer: nn.Module, ours: MobileNetV1) -> None:
 class _ExportAdapter(nn.Module):
     """Presents a bare network through the task export contract."""
 
-    def __init__(self, network: nn.Module, input_size: int) -> None:
+    def __init__(self, network: nn.Module, input_size: int, output_kind: str = "logits") -> None:
         super().__init__()
         self.network = network
         self.input_size = input_size
+        self.output_kind = output_kind
 
     def export_module(self) -> nn.Module:
         return self.network
@@ -248,6 +261,7 @@ class _ExportAdapter(nn.Module):
             "input_size": str(self.input_size),
             "mean": "0.5,0.5,0.5",
             "std": "0.5,0.5,0.5",
+            "output_kind": self.output_kind,
         }
 
 
@@ -352,6 +366,7 @@ def bench_one(
     session = ort_session(float_path, threads)
     log(f"  {name}: int8 calibration on {len(calibration)} images ...")
     report = quantize_onnx(float_path, int8_path, calibration, heldout, min_agreement=0.0)
+    int8_label = f"ONNX Runtime int8 (QDQ, per-channel {onnx_metadata(int8_path)['int8_weight_bits']}-bit)"
     session8 = ort_session(int8_path, threads)
     if peer is not None:
         # timm's model through the same exporter and quantiser: the runtime's own ceiling for this network
@@ -369,7 +384,7 @@ def bench_one(
             lambda: run_onnx(peer_session, n32),
         )
         add_with_peer(
-            "ONNX Runtime int8 (QDQ, per-channel 7-bit)",
+            int8_label,
             lambda: run_onnx(session8, n1),
             lambda: run_onnx(session8, n32),
             "timm mobilenetv1_100 → ONNX Runtime int8 (peer)",
@@ -379,7 +394,7 @@ def bench_one(
     else:
         add("ONNX Runtime fp32", lambda: run_onnx(session, n1), lambda: run_onnx(session, n32))
         add(
-            "ONNX Runtime int8 (QDQ, per-channel 7-bit)",
+            int8_label,
             lambda: run_onnx(session8, n1),
             lambda: run_onnx(session8, n32),
         )
@@ -423,7 +438,7 @@ def machine_description(threads: int) -> str:
     import onnxruntime
 
     return (
-        f"{cpu}, {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, "
+        f"{cpu} ({cpu_isa()}), {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}"
     )
 
@@ -505,3 +520,229 @@ def report_markdown(rows: list[SpeedRow], lines: list[str], threads: int) -> str
         f"Measured {when} on {machine_description(threads)} by `mobilenets bench` "
         f"(`benchmarks/deploy.py`); medians.\n\n{format_table(rows)}\n\n{notes}\n"
     )
+
+
+# ---------------------------------------------------------------------------------------------- ISA
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The vector and int8 instruction sets the numbers depend on, e.g. ``AVX2, no AVX-512, no VNNI``."""
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return f"ISA unknown ({platform.machine()})"
+    vnni = [
+        name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI")) if flag in flags
+    ]
+    parts = [
+        "AVX2" if "avx2" in flags else "no AVX2",
+        "AVX-512" if "avx512f" in flags else "no AVX-512",
+        ", ".join(vnni) if vnni else "no VNNI",
+    ]
+    if "amx_int8" in flags:
+        parts.append("AMX-INT8")
+    return ", ".join(parts) + f"; int8 weights {int8_weight_bits(flags)}-bit"
+
+
+# ---------------------------------------------------------------------------------------------- LiteRT peer
+#: Google's official MobileNet v1 TFLite files (uint8, ReLU6, TF padding): α → (file, input size, classifier?).
+#: 1.0 is released here as the body only (1024-d pooled features), so it is compared body to body.
+OFFICIAL_TFLITE: dict[float, tuple[str, int, bool]] = {
+    0.25: ("mobilenet_v1_0.25_128_quant.tflite", 128, True),
+    0.5: ("mobilenet_v1_0.5_160_quant.tflite", 160, True),
+    0.75: ("mobilenet_v1_0.75_192_quant.tflite", 192, True),
+    1.0: ("mobilenet_v1_1.0_224_quant_embedding_extractor.tflite", 224, False),
+}
+#: Where the official files are read from: ``../shared/weights/tflite`` beside the checkout (7.3 MB that the
+#: repository does not carry; only 0.25-128 is shipped, as the built-in weights ``official:0.25_128``).
+DEFAULT_TFLITE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "weights" / "tflite"
+#: Real photos beside the official files and in the test data (crops, flips and scales of them make the
+#: held-out set on which int8 and float are compared).
+PHOTO_FILES: tuple[str, ...] = ("cat.bmp", "bird.bmp")
+TEST_PHOTOS = Path(__file__).resolve().parents[2] / "tests" / "data"
+
+
+def official_tflite(alpha: float, folder: Path) -> Path | None:
+    """The official file for ``alpha`` in ``folder``, else the built-in copy (0.25-128 only), else None."""
+    from mobilenets.backbone.tflite import OFFICIAL_DIR
+
+    name = OFFICIAL_TFLITE[alpha][0]
+    for candidate in (folder / name, OFFICIAL_DIR / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def real_photos(folder: Path) -> list[np.ndarray]:
+    """Every real RGB photo available offline (uint8 H x W x 3): ``cat.bmp``/``bird.bmp`` of ``folder`` (else
+    their 160-px copies in the test data) and, when scikit-image is installed, the colour and grey photos of
+    ``skimage.data``."""
+    from PIL import Image
+
+    paths = [folder / name for name in PHOTO_FILES]
+    if not all(p.is_file() for p in paths):
+        paths = sorted(TEST_PHOTOS.glob("*.png"))
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in paths if p.is_file()]
+    try:
+        import skimage.data as samples
+    except ImportError:
+        return photos
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "coins"):
+        with contextlib.suppress(Exception):  # a sample that needs a download is left out
+            image = np.asarray(getattr(samples, name)())
+            photos.append(np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3])
+    return photos
+
+
+def photo_variants(photos: Sequence[np.ndarray], size: int, count: int, seed: int) -> np.ndarray:
+    """``count`` random crops (35-100 % of each side), horizontal flips and rescalings to ``size`` of the
+    photos, scaled to [-1, 1] as the official models expect: an (N, 3, size, size) float32 batch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    batch = np.empty((count, 3, size, size), np.float32)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        height, width = photo.shape[:2]
+        crop_h, crop_w = (max(int(side * rng.uniform(0.35, 1.0)), 8) for side in (height, width))
+        top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+        crop = Image.fromarray(np.ascontiguousarray(photo[top : top + crop_h, left : left + crop_w]))
+        pixels = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        batch[i] = pixels.transpose(2, 0, 1) / 127.5 - 1.0
+    return batch
+
+
+class LiteRTModel:
+    """A TFLite file in LiteRT's interpreter (XNNPACK), fed [-1, 1] float images like our exports."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def to_input(self, image: np.ndarray) -> np.ndarray:
+        """One (3, S, S) image in [-1, 1] as the file's (1, S, S, 3) input (uint8: x / scale + zero point)."""
+        scale, zero = self.input["quantization"]
+        pixels = image.transpose(1, 2, 0)[None]
+        if self.input["dtype"] == np.uint8:
+            return np.clip(np.round(pixels / scale + zero), 0, 255).astype(np.uint8)
+        return pixels.astype(self.input["dtype"])
+
+    def runner(self, image: np.ndarray) -> Callable[[], np.ndarray]:
+        """One call: input copied in, inference, output copied out (what ``session.run`` does for ours)."""
+        x, interpreter, input_index = self.to_input(image), self.interpreter, self.input["index"]
+        output_index = self.output["index"]
+
+        def run() -> np.ndarray:
+            interpreter.set_tensor(input_index, x)
+            interpreter.invoke()
+            return interpreter.get_tensor(output_index)
+
+        return run
+
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        """Dequantized outputs, one row per image (a 1001-way classifier loses its background class 0)."""
+        scale, zero = self.output["quantization"]
+        rows = [self.runner(image)().reshape(-1).astype(np.float32) for image in images]
+        out = np.stack(rows)
+        out = (out - zero) * scale if scale else out
+        return out[:, 1:] if out.shape[1] == 1001 else out
+
+
+def measure_alternating(
+    model: str, runs: Sequence[tuple[str, Callable[[], object]]], repeats: int = 100, rounds: int = 5
+) -> list[SpeedRow]:
+    """Batch-1 rows for several runtimes timed in alternating rounds (a noisy machine slows all alike);
+    every row after the first carries its ratio to the first (the peer)."""
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, (_, run) in enumerate(runs):
+            times[i] += time_calls(run, max(repeats // rounds, 1), warmup=3)
+    rows = [speed_row(model, name, times[i], None) for i, (name, _) in enumerate(runs)]
+    return [rows[0]] + [
+        replace(r, vs_peer=_ratio(r.images_per_s_b1, rows[0].images_per_s_b1)) for r in rows[1:]
+    ]
+
+
+def litert_report(
+    threads: Sequence[int] = (1, 2),
+    tflite_dir: Path = DEFAULT_TFLITE_DIR,
+    widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[list[SpeedRow], list[str]]:
+    """Google's official files in LiteRT (the peer) against our ONNX Runtime fp32 and int8 exports of the
+    same weights, at batch 1, alternating in one run; (rows, notes: int8 agreement on real photos).
+
+    Our model is ``MobileNetV1(width_mult=α, activation="relu6", padding="tf")`` loaded from the file; int8
+    is calibrated on 128 crops of the real photos and compared with float on 100 other crops.
+    """
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return [], ["LiteRT peer skipped: ai-edge-litert is not installed (pip install 'mobilenets[litert]')"]
+    from mobilenets.backbone.weights import load_pretrained
+
+    photos = real_photos(tflite_dir)
+    if not photos:
+        return [], [f"LiteRT peer skipped: no real photos found in {tflite_dir} or {TEST_PHOTOS}"]
+    repeats = 20 if quick else 200
+    rows: list[SpeedRow] = []
+    lines = [
+        f"int8 agreement on {len(photos)} real photos, as 100 held-out crops/flips/rescalings (128 others "
+        "calibrate); ours = ONNX Runtime int8 vs our float, LiteRT = Google's uint8 file vs our float"
+    ]
+    with tempfile.TemporaryDirectory(prefix="mobilenets-litert-") as work_dir:
+        work = Path(work_dir)
+        for alpha in widths:
+            file_name, size, classifier = OFFICIAL_TFLITE[alpha]
+            name = f"{alpha} MobileNet-{size}" + ("" if classifier else " body")
+            path = official_tflite(alpha, tflite_dir)
+            if path is None:
+                lines.append(f"{name}: skipped, {tflite_dir / file_name} not found (Google's official file)")
+                log(lines[-1])
+                continue
+            log(f"{name}: exporting {path.name}'s weights, calibrating int8 ...")
+            model = MobileNetV1(1000 if classifier else 0, alpha, activation="relu6", padding="tf").eval()
+            load_pretrained(model, path)
+            calibration = photo_variants(photos, size, 32 if quick else 128, seed=1)
+            heldout = photo_variants(photos, size, 20 if quick else 100, seed=2)
+            float_path, int8_path = work / f"{alpha}.onnx", work / f"{alpha}.int8.onnx"
+            with _quiet():
+                export_onnx(_ExportAdapter(model, size, "logits" if classifier else "embedding"), float_path)
+                report = quantize_onnx(float_path, int8_path, calibration, heldout, min_agreement=0.0)
+            int8_paths = {int8_path: f"{onnx_metadata(int8_path)['int8_weight_bits']}-bit weights"}
+            reports = [report]
+            if needs_high_precision_int8():  # no VNNI: also the exact but slower 8-bit alternative
+                exact_path = work / f"{alpha}.int8-8bit.onnx"
+                with _quiet():
+                    reports.append(quantize_onnx(float_path, exact_path, calibration, heldout, 0.0, 8))
+                int8_paths[exact_path] = "8-bit weights, x64quantprecision"
+            reference = run_onnx(ort_session(float_path), heldout)
+            peer_report = agreement(report.kind, reference, [LiteRTModel(path, 1).outputs(heldout)])
+            ours = ", ".join(f"{label} {r.value:.3f}" for label, r in zip(int8_paths.values(), reports))
+            lines.append(
+                f"{name}: {report.measure}: ours int8 ({ours}), LiteRT {peer_report.value:.3f} "
+                f"({report.images} images)"
+            )
+            image = heldout[:1]
+            for count in threads:
+                log(f"  {name}: LiteRT and ONNX Runtime fp32/int8, {count} thread(s), alternating ...")
+                peer = LiteRTModel(path, count)
+                runs = [
+                    (f"LiteRT XNNPACK, Google's uint8 file (peer), {count}T", peer.runner(image[0])),
+                    (f"ONNX Runtime fp32, {count}T", _session_runner(ort_session(float_path, count), image)),
+                ]
+                runs += [
+                    (f"ONNX Runtime int8 ({label}), {count}T", _session_runner(ort_session(p, count), image))
+                    for p, label in int8_paths.items()
+                ]
+                rows += measure_alternating(name, runs, repeats)
+    return rows, lines
+
+
+def _session_runner(session: object, x: np.ndarray) -> Callable[[], object]:
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}
+    return lambda: session.run(None, feed)

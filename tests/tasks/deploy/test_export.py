@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mobilenets.datasets.synthetic_calibration import write_pattern_images
+from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.base import TASK_CLASS_KEY, BaseTask
 from mobilenets.tasks.cli import main as cli_main
 from mobilenets.tasks.deploy import export as export_module_under_test
@@ -72,7 +72,7 @@ def save_checkpoint(task: BaseTask, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pattern_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("patterns")
-    write_pattern_images(root, per_class=8, num_classes=5, size=80, seed=3)
+    make_calibration_patterns(root, per_class=8, num_classes=5, size=80, seed=3)
     return root
 
 
@@ -355,3 +355,43 @@ def test_speed_report_replaces_only_the_text_between_the_readme_markers(tmp_path
         "OTHER.md",
         "README.md",
     ]
+
+
+# ------------------------------------------------------------------ the export metadata record
+def test_a_class_name_with_a_comma_round_trips_through_an_ssd_export(tmp_path: Path) -> None:
+    from mobilenets.tasks.detection import SSDDetection
+
+    names = ["traffic light, red", "stop sign"]
+    task = SSDDetection(num_classes=3, width_mult=0.25, input_size=SIZE, class_names=names).eval()
+    task.hparams.category_ids = [10, 13]
+    out = tmp_path / "ssd.onnx"
+    export_onnx(task, out)
+    assert json.loads(onnx_metadata(out)["class_names"]) == names  # names are a JSON list
+    served = SSDDetection(num_classes=3, width_mult=0.25, input_size=SIZE).eval()
+    served.use_exported(out)
+    assert served.hparams.class_names == names and served.hparams.category_ids == [10, 13]
+
+
+def test_the_record_reads_the_comma_lists_of_older_exports() -> None:
+    from mobilenets.tasks.deploy.metadata import ExportMetadata
+    from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
+
+    old = {
+        "task": "AttributeModel",
+        "input_size": "64",
+        "mean": "0.5,0.5,0.5",
+        "std": "0.5,0.5,0.5",
+        "attribute_names": "Smiling, Eyeglasses",
+        "category_ids": "3,7",
+        "outputs": "logits",
+    }
+    record = ExportMetadata.from_properties(old, "old.onnx")
+    assert record.attribute_names == ("Smiling", "Eyeglasses") and record.category_ids == (3, 7)
+    assert record.mean == (0.5, 0.5, 0.5) and dict(record.properties) == {"outputs": "logits"}
+    written = record.to_properties()
+    assert json.loads(written["attributes"]) == ["Smiling", "Eyeglasses"] and written["mean"] == "0.5,0.5,0.5"
+    assert ExportMetadata.from_properties(written) == record
+    with pytest.raises(ExportMismatchError, match=r"old.onnx: metadata key 'category_ids': expected comma"):
+        ExportMetadata.from_properties({**old, "category_ids": "3,x"}, "old.onnx")
+    with pytest.raises(ExportMismatchError, match=r"old.onnx: metadata key 'input_size' is missing"):
+        ExportMetadata.from_properties({k: v for k, v in old.items() if k != "input_size"}, "old.onnx")

@@ -1,0 +1,179 @@
+"""int8 quantisation: weight bits chosen from the CPU's VNNI, recorded in the metadata; layers the quantiser
+cannot reach and calibration folders without images are errors that name them."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.tasks.classification import ImageClassifier
+from mobilenets.tasks.cli import main as cli_main
+from mobilenets.tasks.deploy import export as export_module
+from mobilenets.tasks.deploy.export import (
+    ExportError,
+    cpu_flags,
+    export_onnx,
+    int8_weight_bits,
+    onnx_metadata,
+    quantize_onnx,
+    sample_inputs,
+    unquantized_layers,
+)
+from mobilenets.tasks.deploy.speed import delta_orthogonal_
+
+SIZE = 32
+
+
+class Exported(nn.Module):
+    """A bare network behind the export contract."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def export_module(self) -> nn.Module:
+        return self.network
+
+    def export_metadata(self) -> dict[str, str]:
+        return {"task": "test", "input_size": str(SIZE), "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "bits"),
+    [
+        ({"sse4_2", "avx2", "fma"}, 7),
+        ({"avx2", "avx512f", "avx512bw"}, 7),  # AVX-512 without VNNI still adds pairs in int16
+        ({"avx2", "avx512f", "avx512_vnni"}, 8),
+        ({"avx2", "avx_vnni"}, 8),
+        ({"avx2", "amx_int8"}, 8),
+        (set(), 7),
+    ],
+)
+def test_weight_bits_are_8_only_with_vnni(flags: set[str], bits: int) -> None:
+    assert int8_weight_bits(flags) == bits
+
+
+def test_cpu_flags_read_the_flags_line(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_vnni\n\nflags : x\n"
+    )
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_vnni"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    network = MobileNetV1(num_classes=5, width_mult=0.25, activation="relu6").eval()
+    delta_orthogonal_(network)
+    path = tmp_path_factory.mktemp("float") / "float.onnx"
+    export_onnx(Exported(network), path)
+    return path
+
+
+def _weight_ranges(path: Path) -> list[int]:
+    """max |int8 weight| of every quantised Conv/Gemm weight."""
+    graph = onnx.load(str(path)).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return [
+        int(np.abs(initializers[node.input[0]].astype(np.int32)).max())
+        for node in graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in initializers
+        and initializers[node.input[0]].dtype == np.int8
+    ]
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_weight_bits_set_the_range_and_the_metadata(float_model: Path, tmp_path: Path, bits: int) -> None:
+    images = sample_inputs(SIZE, 8).numpy()
+    out = tmp_path / "int8.onnx"
+    report = quantize_onnx(float_model, out, images, images, min_agreement=0.0, weight_bits=bits)
+    metadata = onnx_metadata(out)
+    assert metadata["int8_weight_bits"] == str(bits)
+    assert metadata["quantization"] == f"int8 static QDQ per-channel ({bits}-bit weights)"
+    assert report.measure == "top-1 agreement"
+    assert unquantized_layers(out) == ["/classifier/Gemm (Gemm)"]
+    assert unquantized_layers(out, ["/classifier/Gemm"]) == []
+    ranges = _weight_ranges(out)
+    assert len(ranges) == 27  # every convolution; the classifier makes the output and stays float
+    assert metadata["int8_float_layers"] == "/classifier/Gemm"
+    # per channel, the largest weight takes the top code: 64 with 7 bits (ORT: [-64, 64]), 127 with 8
+    assert max(ranges) == (64 if bits == 7 else 127)
+
+
+class EinsumLayer(nn.Module):
+    """A 1x1 convolution written as an einsum: an operator onnxruntime's int8 quantiser leaves in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,oc->bohw", self.stem(x), self.mix).mean((2, 3))
+
+
+def test_a_layer_the_quantiser_cannot_reach_is_named_and_nothing_is_written(tmp_path: Path) -> None:
+    float_path = tmp_path / "float.onnx"
+    export_onnx(Exported(EinsumLayer().eval()), float_path)
+    images = sample_inputs(SIZE, 4).numpy()
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(ExportError, match=r"cannot reach 1 layer\(s\), first /Einsum \(Einsum\)"):
+        quantize_onnx(float_path, out, images, images, min_agreement=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx"]
+
+
+def test_cli_calibration_folder_without_images_names_the_folder(
+    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    task = ImageClassifier(num_classes=3, width_mult=0.25, input_size=SIZE)
+    ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    out = tmp_path / "int8.onnx"
+    argv = ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--int8", "--calibration", str(empty)]
+    assert cli_main(argv) != 0
+    assert f"{empty}: --calibration holds no images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _precision_entry(session) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry("session.x64quantprecision")
+    except RuntimeError:  # onnxruntime's answer for an entry that was never set
+        return None
+
+
+@pytest.mark.parametrize(
+    ("flags", "bits", "entry"),
+    [
+        ({"sse2", "avx2"}, 8, "1"),  # 8-bit weights without VNNI: the non-saturating kernels
+        ({"sse2", "avx2"}, 7, None),  # 7-bit weights cannot saturate
+        ({"sse2", "avx2", "avx512_vnni"}, 8, None),  # VNNI adds in int32
+        (set(), 8, None),  # not x86
+    ],
+)
+def test_sessions_of_8_bit_exports_avoid_int16_saturation_only_where_it_happens(
+    float_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: set[str],
+    bits: int,
+    entry: str | None,
+) -> None:
+    images = sample_inputs(SIZE, 4).numpy()
+    out = tmp_path / "int8.onnx"
+    quantize_onnx(float_model, out, images, images, min_agreement=0.0, weight_bits=bits)
+    monkeypatch.setattr(export_module, "cpu_flags", lambda: flags)
+    assert export_module.needs_high_precision_int8() is ("sse2" in flags and "avx512_vnni" not in flags)
+    assert _precision_entry(export_module.ort_session(out)) == entry
+    assert _precision_entry(export_module.ort_session(float_model)) is None  # float models: never
