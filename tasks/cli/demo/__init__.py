@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import time
 import traceback
 from pathlib import Path
 
+from mobilenets.tasks.cli import configure_output
 from mobilenets.tasks.cli.demo.rows import DemoRow
 
 #: step name → module with ``run_demo``; the order is the order they run in.
@@ -26,16 +26,28 @@ DEMO_STEPS: dict[str, str] = {
 }
 
 
+#: the summary's columns: DemoRow field → header
+SUMMARY_COLUMNS: dict[str, str] = {
+    "task": "task",
+    "metric": "metric",
+    "value": "ours",
+    "baseline": "chance / no skill",
+    "paper": "paper",
+}
+
+
 def format_summary(rows: list[DemoRow]) -> str:
-    widths = (
-        [max(len(getattr(r, f)) for r in rows) for f in ("task", "metric", "value")] if rows else [4, 6, 5]
-    )
-    widths = [max(w, len(h)) for w, h in zip(widths, ("task", "metric", "ours"))]
-    header = f"{'task':<{widths[0]}}  {'metric':<{widths[1]}}  {'ours':<{widths[2]}}  paper"
-    lines = [header, "-" * (len(header) + 12)]
-    lines += [
-        f"{r.task:<{widths[0]}}  {r.metric:<{widths[1]}}  {r.value:<{widths[2]}}  {r.paper}" for r in rows
+    """The summary table: one line per row, our value beside its baseline (chance or a no-skill predictor)
+    and the paper's figure."""
+    fields = list(SUMMARY_COLUMNS)
+    widths = [
+        max([len(header)] + [len(getattr(r, f)) for r in rows]) for f, header in SUMMARY_COLUMNS.items()
     ]
+    header = "  ".join(f"{h:<{w}}" for h, w in zip(SUMMARY_COLUMNS.values(), widths)).rstrip()
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = [f"{getattr(row, f):<{w}}" for f, w in zip(fields, widths)]
+        lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
@@ -51,7 +63,7 @@ def main(argv: list[str]) -> int:
     unknown = [s for s in wanted if s not in DEMO_STEPS]
     if unknown:
         parser.error(f"unknown demo steps {unknown}; choose from {list(DEMO_STEPS)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_output()  # the project's INFO lines on stderr (the command's entry has already done it)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[DemoRow] = []
     failed: list[str] = []

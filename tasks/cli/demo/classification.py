@@ -1,119 +1,101 @@
-"""Demo step: fine-grained classification on a generated Stanford-Dogs-layout dataset."""
+"""Demo step: fine-grained classification on a generated Stanford-Dogs-layout dataset, fine-tuned with the
+shipped dogs recipe from the built-in ImageNet weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mobilenets.datasets.synthetic import make_stanford_dogs
+from mobilenets.datasets.synthetic.stanford_dogs import make_stanford_dogs
 from mobilenets.tasks.classification import STANFORD_DOGS_CLASSES, ImageClassifier
+from mobilenets.tasks.cli.demo.recipe import (
+    OFFICIAL_WEIGHTS,
+    last_checkpoint,
+    quick_threads,
+    quiet_trainer,
+    shipped_config,
+)
 from mobilenets.tasks.cli.demo.rows import DemoRow
 from mobilenets.tasks.cli.lightning import lightning_cli
 
+#: the shipped recipe the step runs
+RECIPE = "dogs_1.0_224"
+#: (classes, train images per class, test images per class, input size, epochs)
+FULL = (8, 40, 12, 96, 4)
+QUICK = (4, 24, 8, 64, 3)
 
-def run_demo(root: Path, quick: bool) -> list[Any]:
+
+def demo_config(root: Path, data_root: Path, quick: bool) -> dict[str, Any]:
+    """The shipped dogs recipe with the demo's data, size and epochs, from the built-in weights."""
+    classes, _, _, size, epochs = QUICK if quick else FULL
+    return shipped_config(
+        RECIPE,
+        {
+            "trainer": quiet_trainer(str(root / "runs"), epochs, log_every_n_steps=5),
+            "model": {"init_args": {**OFFICIAL_WEIGHTS, "num_classes": classes, "input_size": size}},
+            "data": {"init_args": {"root": str(data_root), "batch_size": 32, "num_workers": 0}},
+        },
+    )
+
+
+def run_demo(root: Path, quick: bool) -> list[DemoRow]:
     """Generate a small Stanford-Dogs-layout dataset, fine-tune on it, test and predict (``mobilenets demo``)."""
-
-    root = Path(root)
-    threads = torch.get_num_threads()
-    if quick:  # a 0.25 MobileNet-48 step is ~20x slower on 2 contended threads than on one
-        torch.set_num_threads(1)
-    try:
-        return _run_demo(root, quick)
-    finally:
-        torch.set_num_threads(threads)
+    with quick_threads(quick):
+        return _run_demo(Path(root), quick)
 
 
-def _run_demo(root: Path, quick: bool) -> list[Any]:
-
-    # from scratch (no ImageNet weights here): ~70 steps learn 4 classes, ~200 steps 8
-    classes, per_class, size, epochs = (4, 32, 48, 12) if quick else (8, 60, 96, 15)
+def _run_demo(root: Path, quick: bool) -> list[DemoRow]:
+    classes, per_class, test_per_class, size, epochs = QUICK if quick else FULL
     data = make_stanford_dogs(
         root / "stanford_dogs",
         num_classes=classes,
         train_per_class=per_class,
-        test_per_class=8,
+        test_per_class=test_per_class,
         size=(size * 4 // 3, size),
         seed=0,
     )
-    runs = root / "runs"
-    config: dict[str, Any] = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_epochs": epochs,
-            "default_root_dir": str(runs),
-            "accelerator": "auto",  # the GPU where there is one
-            "devices": 1,
-            "logger": {
-                "class_path": "pytorch_lightning.loggers.CSVLogger",
-                "init_args": {"save_dir": str(runs)},
-            },
-            "enable_progress_bar": not quick,
-            "enable_model_summary": False,
-            "log_every_n_steps": 5,
-        },
-        "model": {
-            "class_path": "mobilenets.tasks.classification.ImageClassifier",
-            "init_args": {
-                "width_mult": 0.25 if quick else 0.5,
-                "input_size": size,
-                "optimizer": "adamw",
-                "lr": 0.01,
-                "weight_decay": 1e-4,
-                "label_smoothing": 0.0,
-                "warmup_epochs": 0.5,
-            },
-        },
-        "data": {
-            "class_path": "mobilenets.datasets.stanford_dogs.StanfordDogsDataModule",
-            "init_args": {
-                "root": str(data.root),
-                "input_size": size,
-                "batch_size": 16,
-                "num_workers": 0 if quick else 2,
-                "train_scale": [0.35, 1.0],
-                "val_fraction": 0.25,
-            },
-        },
-    }
+    config = demo_config(root, data.root, quick)
     cli = lightning_cli({"fit": config})
     val_top1 = float(cli.trainer.callback_metrics["val/top1"])
-    checkpoint = (
-        cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
-    )
+    checkpoint = last_checkpoint(cli)
     tested = lightning_cli({"test": {**config, "ckpt_path": checkpoint}})
     top1 = float(tested.trainer.callback_metrics["test/top1"])
-    predict_config = {**config, "ckpt_path": checkpoint}
-    predict_config["data"] = {
-        **config["data"],
-        "init_args": {**config["data"]["init_args"], "predict_dir": str(data.root / "Images")},
-    }
-    predict_config["model"] = {
-        **config["model"],
-        "init_args": {**config["model"]["init_args"], "predictions_file": str(root / "predictions.csv")},
-    }
-    lightning_cli({"predict": predict_config})
-    model = tested.model
-    profile = model.profile()
-    full = ImageClassifier(num_classes=STANFORD_DOGS_CLASSES, width_mult=1.0, input_size=224)
-    full_profile = full.profile()
+    predictions = root / "predictions.csv"
+    lightning_cli(
+        {
+            "predict": shipped_config(
+                RECIPE,
+                {
+                    **config,
+                    "ckpt_path": checkpoint,
+                    "data": {"init_args": {"predict_dir": str(data.root / "Images")}},
+                    "model": {"init_args": {"predictions_file": str(predictions)}},
+                },
+            )
+        }
+    )
+    profile = tested.model.profile()
+    full_profile = ImageClassifier(
+        num_classes=STANFORD_DOGS_CLASSES, width_mult=1.0, input_size=224
+    ).profile()
+    chance = f"{100 / classes:.1f}% (chance)"
     return [
         DemoRow(
             "classification",
-            f"val top-1, {classes} generated breeds (from scratch, {epochs} epochs)",
-            f"{100 * val_top1:.1f}% (chance {100 / classes:.0f}%)",
+            f"val top-1, {classes} generated breeds ({epochs} epochs from ImageNet)",
+            f"{100 * val_top1:.1f}%",
+            baseline=chance,
         ),
         DemoRow(
             "classification",
-            f"top-1, {classes} generated breeds ({data.num_test} test images)",
-            f"{100 * top1:.1f}% (chance {100 / classes:.0f}%)",
+            f"test top-1, {classes} generated breeds ({data.num_test} images)",
+            f"{100 * top1:.1f}%",
             "83.3% (1.0 MobileNet-224, real Stanford Dogs)",
+            baseline=chance,
         ),
         DemoRow(
             "classification",
-            f"{model.hparams.width_mult:g} MobileNet-{size} MAdds / params",
+            f"0.25 MobileNet-{size} MAdds / params",
             f"{profile.million_mult_adds:.1f}M / {profile.million_parameters:.2f}M",
         ),
         DemoRow(
@@ -122,5 +104,5 @@ def _run_demo(root: Path, quick: bool) -> list[Any]:
             f"{full_profile.million_mult_adds:.0f}M / {full_profile.million_parameters:.2f}M",
             "569M / 3.3M",
         ),
-        DemoRow("classification", "predictions CSV", str(root / "predictions.csv")),
+        DemoRow("classification", "predictions CSV", str(predictions)),
     ]

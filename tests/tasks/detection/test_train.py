@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mobilenets.datasets.synthetic_detection import make_shapes_coco
+from mobilenets.datasets.synthetic.coco import make_coco_shapes
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_ssd_learns_the_shapes(tmp_path: Path) -> None:
     short evaluates near zero."""
     from mobilenets.tasks.cli.lightning import lightning_cli
 
-    root = make_shapes_coco(tmp_path / "shapes", {"train": 16}, size_range=(64, 64), max_objects=2)
+    root = make_coco_shapes(tmp_path / "shapes", {"train": 16}, size_range=(64, 64), max_objects=2)
     config = {
         "fit": {
             "seed_everything": 0,
@@ -31,7 +31,7 @@ def test_ssd_learns_the_shapes(tmp_path: Path) -> None:
                     "lr": 0.003,
                     "weight_decay": 0.0,
                     "warmup_epochs": 1,
-                    "recompute_bn_batches": 1,
+                    "precise_bn_batches": 1,
                 },
             },
             "data": {
@@ -41,7 +41,6 @@ def test_ssd_learns_the_shapes(tmp_path: Path) -> None:
                     "train_split": "train",
                     "val_split": "train",
                     "augment": "none",
-                    "input_size": 64,
                     "batch_size": 16,
                     "num_workers": 0,
                 },
@@ -68,7 +67,8 @@ def test_demo_step_runs_and_reports_ap(tmp_path: Path) -> None:
 
     rows = run_demo(tmp_path, quick=True)
     metrics = {row.metric: row for row in rows}
-    assert any("val AP50" in name for name in metrics)
-    assert (tmp_path / "detect_eval" / "per_category_ap.csv").is_file()
-    results = json.loads((tmp_path / "detect_eval" / "detections.json").read_text())
-    assert {r["category_id"] for r in results} <= {3, 7, 12}
+    for detector, folder in (("SSD", "ssd"), ("Faster R-CNN", "frcnn")):
+        assert any(name.startswith(detector) and "val AP50" in name for name in metrics)
+        assert (tmp_path / folder / "detect_eval" / "per_category_ap.csv").is_file()
+        results = json.loads((tmp_path / folder / "detect_eval" / "detections.json").read_text())
+        assert {r["category_id"] for r in results} <= {3, 7, 12}
