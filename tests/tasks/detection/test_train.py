@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mobilenets.datasets.synthetic.coco import make_coco_shapes
 
@@ -70,5 +74,17 @@ def test_demo_step_runs_and_reports_ap(tmp_path: Path) -> None:
     for detector, folder in (("SSD", "ssd"), ("Faster R-CNN", "frcnn")):
         assert any(name.startswith(detector) and "val AP50" in name for name in metrics)
         assert (tmp_path / folder / "detect_eval" / "per_category_ap.csv").is_file()
-        results = json.loads((tmp_path / folder / "detect_eval" / "detections.json").read_text())
+        results_file = tmp_path / folder / "detect_eval" / "detections.json"
+        results = json.loads(results_file.read_text())
         assert {r["category_id"] for r in results} <= {3, 7, 12}
+        # the reported AP50 is pycocotools' on the written detections, and above what random boxes reach
+        ground_truth = COCO(str(tmp_path / "shapes" / "annotations" / "instances_val.json"))
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(str(results_file)), "bbox")
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        (row,) = [row for name, row in metrics.items() if name.startswith(detector) and "val AP50" in name]
+        reported = float(row.value.rstrip("%")) / 100
+        assert reported == pytest.approx(evaluation.stats[1], abs=1e-3)
+        assert reported > 0.03
