@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.inference import fold_batchnorm
+from mobilenets.backbone.mobilenet import Conv2dSame
 from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
@@ -266,8 +267,6 @@ def static_same_padding(module: nn.Module, example: torch.Tensor) -> Iterator[in
     constants: symmetric ones go into the convolution, asymmetric ones into a constant Pad that
     ``fuse_pads_into_convs`` folds into the Conv's own pads.
     """
-    from mobilenets.backbone.mobilenet import Conv2dSame
-
     convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
     sizes: dict[nn.Module, tuple[int, ...]] = {}
     hooks = [

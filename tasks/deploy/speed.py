@@ -44,7 +44,8 @@ from torch import nn
 from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.backbone.inference import InferenceModel, inference_model, recalibrate_batchnorm
 from mobilenets.backbone.mobilenet import MobileNetV1
-from mobilenets.backbone.weights import filter_timm_state_dict
+from mobilenets.backbone.tflite import OFFICIAL_DIR
+from mobilenets.backbone.weights import filter_timm_state_dict, load_pretrained
 from mobilenets.datasets.atomic import write_text_atomic
 from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.deploy.export import (
@@ -561,8 +562,6 @@ TEST_PHOTOS = Path(__file__).resolve().parents[2] / "tests" / "data"
 
 def official_tflite(alpha: float, folder: Path) -> Path | None:
     """The official file for ``alpha`` in ``folder``, else the built-in copy (0.25-128 only), else None."""
-    from mobilenets.backbone.tflite import OFFICIAL_DIR
-
     name = OFFICIAL_TFLITE[alpha][0]
     for candidate in (folder / name, OFFICIAL_DIR / name):
         if candidate.is_file():
@@ -683,8 +682,6 @@ def litert_report(
         import ai_edge_litert.interpreter  # noqa: F401
     except ImportError:
         return [], ["LiteRT peer skipped: ai-edge-litert is not installed (pip install 'mobilenets[litert]')"]
-    from mobilenets.backbone.weights import load_pretrained
-
     photos = real_photos(tflite_dir)
     if not photos:
         return [], [f"LiteRT peer skipped: no real photos found in {tflite_dir} or {TEST_PHOTOS}"]
