@@ -35,7 +35,6 @@ def save_checkpoint() -> Callable[[BaseTask, Path], Path]:
     """Write what Lightning's checkpoint holds for predict (weights, hyperparameters, the task-class key)."""
 
     def save_checkpoint(task: BaseTask, path: Path) -> Path:
-        """What Lightning's checkpoint holds for predict (weights, hyperparameters, the task-class key)."""
         checkpoint: dict[str, Any] = {
             "state_dict": task.state_dict(),
             # LightningCLI's own checkpoints name the class, so that --ckpt_path rebuilds it from any config

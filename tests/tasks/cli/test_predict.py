@@ -59,10 +59,9 @@ def attribute_files(
 
 @pytest.fixture
 def predict_attributes(run_predict: Any) -> Any:
-    """A callable: see the inner docstring."""
+    """The shipped student config at α 0.25 / 32 px on a folder, with no CelebA files under data.root."""
 
     def predict_attributes(faces: Path, model: Path, run: Path, out: Path | None) -> None:
-        """The shipped student config at α 0.25 / 32 px on a folder, with no CelebA files under data.root."""
         options: dict[str, object] = {
             "model.init_args.num_attributes": 4,
             "model.init_args.input_size": SIZE,
@@ -150,10 +149,9 @@ def embedder_files(
 
 @pytest.fixture
 def predict_embeddings(run_predict: Any) -> Any:
-    """A callable: see the inner docstring."""
+    """The shipped triplet config at α 0.25 / 32 px: its training folder and pairs do not exist here."""
 
     def predict_embeddings(faces: Path, model: Path, run: Path, out: Path | None) -> None:
-        """The shipped triplet config at α 0.25 / 32 px: its training folder and pairs do not exist here."""
         options: dict[str, object] = {
             "model.init_args.width_mult": 0.25,
             "model.init_args.input_size": SIZE,

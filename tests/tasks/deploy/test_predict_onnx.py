@@ -60,11 +60,10 @@ def classifier_files(
 
 @pytest.fixture
 def classify(read_rows: Any, run_predict: Any) -> Any:
-    """A callable: see the inner docstring."""
+    """``mobilenets predict`` with the shipped folder config at α 0.25 / 32 px; its ImageNet ``weights`` point
+    to a missing file, so a run that tried to load them would fail."""
 
     def classify(folder: Path, model: Path, out: Path, run: Path) -> list[dict[str, str]]:
-        """``mobilenets predict`` with the shipped folder config at α 0.25 / 32 px; its ImageNet ``weights`` point
-        to a missing file, so a run that tried to load them would fail."""
         run_predict(
             "folder_finetune.yaml",
             model,
