@@ -18,6 +18,7 @@ from mobilenets.tasks.deploy.export import (
     export_torchscript,
     split_calibration,
 )
+from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 weight precision (default: 8 on CPUs with VNNI, 7 without; 8 there runs exact but slower)",
     )
     parser.add_argument("--max-calibration", type=int, default=256, help="use at most this many images")
+    parser.add_argument(
+        "--qat-epochs",
+        type=int,
+        default=0,
+        help="quantisation-aware fine-tuning: epochs over the calibration images (and their flips) through "
+        "int8 fake quantisation, towards the float model's outputs, before quantising (default 0: none)",
+    )
+    parser.add_argument(
+        "--qat-lr",
+        type=float,
+        default=DEFAULT_QAT_LR,
+        help="Adam learning rate of --qat-epochs (%(default)g)",
+    )
     return parser
 
 
@@ -68,6 +82,10 @@ def main(argv: list[str]) -> int:
         parser.error("--int8 needs --format onnx")
     if args.int8 and args.calibration is None:
         parser.error("--int8 needs --calibration DIR")
+    if args.qat_epochs and not args.int8:
+        parser.error("--qat-epochs needs --int8")
+    if args.qat_epochs < 0 or not args.qat_lr > 0:
+        parser.error("--qat-epochs must be 0 or more and --qat-lr above 0")
     # a killed export (no ``finally`` ran) leaves its hidden temporary beside the output: this export owns
     # the folder's files of its format, so it removes them
     for stale in remove_stale_temporaries(args.out.parent, f"*{args.out.suffix}"):
@@ -80,7 +98,15 @@ def main(argv: list[str]) -> int:
         else:
             calibration, heldout = split_calibration(calibration)
         result = export_int8(
-            task, args.out, calibration, heldout, args.min_agreement, args.tolerance, args.int8_weight_bits
+            task,
+            args.out,
+            calibration,
+            heldout,
+            args.min_agreement,
+            args.tolerance,
+            args.int8_weight_bits,
+            args.qat_epochs,
+            args.qat_lr,
         )
     elif args.format == "onnx":
         result = export_onnx(task, args.out, args.tolerance)

@@ -45,6 +45,7 @@ from mobilenets.backbone.mobilenet import Conv2dSame
 from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
+from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR, qat_finetune
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -605,9 +606,14 @@ def quantize_onnx(
     heldout: np.ndarray,
     min_agreement: float = 0.99,
     weight_bits: WeightBits | None = None,
+    reference_path: str | Path | None = None,
+    extra_metadata: dict[str, str] | None = None,
 ) -> AgreementReport:
     """Static int8 quantisation (QDQ, per-channel weights, min-max calibration) of a float ONNX export;
     writes ``out`` only if the agreement with the float model on ``heldout`` reaches ``min_agreement``.
+
+    The agreement is measured against ``reference_path`` (default ``float_path``): the original float
+    export when ``float_path`` holds quantisation-aware fine-tuned weights.
 
     ``weight_bits`` is 8 or 7 (default: ``int8_weight_bits()`` of this CPU), recorded in the metadata as
     ``int8_weight_bits``. The layers that produce the outputs stay in float (``output_layers``, listed in
@@ -664,9 +670,10 @@ def quantize_onnx(
                     "quantization": f"int8 static QDQ per-channel ({bits}-bit weights)",
                     "int8_weight_bits": str(bits),
                     "int8_float_layers": ",".join(kept),
+                    **(extra_metadata or {}),
                 },
             )
-            reference = run_onnx(ort_session(float_path), heldout)
+            reference = run_onnx(ort_session(reference_path or float_path), heldout)
             quantized = run_onnx(ort_session(tmp), heldout)
             report = agreement(kind, reference, quantized)
             if not report.value >= min_agreement:
@@ -684,16 +691,32 @@ def export_int8(
     min_agreement: float = 0.99,
     tolerance: float = DEFAULT_TOLERANCE,
     weight_bits: WeightBits | None = None,
+    qat_epochs: int = 0,
+    qat_lr: float = DEFAULT_QAT_LR,
 ) -> ExportResult:
     """Float ONNX export (verified), then int8 quantisation calibrated on ``calibration_paths`` and checked
-    on ``heldout_paths``; only the int8 model is written to ``out``."""
+    on ``heldout_paths``; only the int8 model is written to ``out``.
+
+    With ``qat_epochs`` > 0 the folded network is first fine-tuned through int8 fake quantisation towards
+    its own float outputs on the calibration images (``tasks/deploy/qat.py``), and the fine-tuned weights
+    are quantised; the agreement is still measured against the original float export."""
     out = Path(out)
+    if qat_epochs < 0:
+        raise ExportError(f"--qat-epochs must be 0 or more, got {qat_epochs}")
+    bits = int8_weight_bits() if weight_bits is None else weight_bits
     with tempfile.TemporaryDirectory(prefix="mobilenets-export-") as work:
         float_result = export_onnx(task, Path(work) / "float.onnx", tolerance)
         metadata = float_result.metadata
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)
-        report = quantize_onnx(float_result.path, out, calibration, heldout, min_agreement, weight_bits)
+        to_quantize, extra = float_result.path, {}
+        if qat_epochs:
+            to_quantize = Path(work) / "qat.onnx"
+            export_qat(task, float_result.path, to_quantize, calibration, qat_epochs, bits, qat_lr, tolerance)
+            extra = {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"}
+        report = quantize_onnx(
+            to_quantize, out, calibration, heldout, min_agreement, bits, float_result.path, extra
+        )
     return ExportResult(
         out,
         "onnx int8",
@@ -702,6 +725,56 @@ def export_int8(
         onnx_metadata(out),
         report,
     )
+
+
+class _Tuned(nn.Module):
+    """A fine-tuned network behind the export contract, with the original task's metadata."""
+
+    def __init__(self, network: nn.Module, metadata: dict[str, str]) -> None:
+        super().__init__()
+        self.network = network
+        self.metadata = metadata
+
+    def export_module(self) -> nn.Module:
+        return self.network
+
+    def export_metadata(self) -> dict[str, str]:
+        return self.metadata
+
+
+def torch_modules_of(module: nn.Module, node_names: Sequence[str]) -> list[nn.Module]:
+    """The submodules of ``module`` that the exporter named ``/a/b/Op`` (``a.b``) in the ONNX graph."""
+    named = dict(module.named_modules())
+    paths = (name.strip("/").rsplit("/", 1)[0].replace("/", ".") for name in node_names)
+    return [named[path] for path in paths if path in named]
+
+
+def export_qat(
+    task: nn.Module,
+    float_path: Path,
+    out: Path,
+    calibration: np.ndarray,
+    epochs: int,
+    weight_bits: int,
+    lr: float = DEFAULT_QAT_LR,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """The task's folded network fine-tuned for int8 (``qat_finetune``) on ``calibration``, exported (float)
+    to ``out``; the layers ``quantize_onnx`` keeps in float (``output_layers`` of ``float_path``) are left
+    out of the fake quantisation too."""
+    _, folded, metadata = prepare_module(task)
+    kept = torch_modules_of(folded, output_layers(float_path))
+    tuned = qat_finetune(
+        folded,
+        calibration,
+        epochs,
+        weight_bits,
+        kept,
+        logits=output_kind(metadata) == "logits",
+        lr=lr,
+        log=print,
+    )
+    return export_onnx(_Tuned(tuned, metadata), out, tolerance)
 
 
 def split_calibration(paths: Sequence[Path], every: int = 5) -> tuple[list[Path], list[Path]]:

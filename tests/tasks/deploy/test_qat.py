@@ -1,0 +1,122 @@
+"""Quantisation-aware fine-tuning: it brings the int8 export closer to the ORIGINAL float model than plain
+post-training quantisation, leaves the float model alone, and is recorded in the metadata."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.utils.parametrize as parametrize
+from torch import nn
+
+from mobilenets.backbone.inference import fold_batchnorm, recalibrate_batchnorm
+from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
+from mobilenets.tasks.classification import ImageClassifier
+from mobilenets.tasks.cli import main as cli_main
+from mobilenets.tasks.deploy.export import (
+    export_onnx,
+    export_qat,
+    onnx_metadata,
+    ort_session,
+    quantize_onnx,
+    run_onnx,
+    sample_inputs,
+    torch_modules_of,
+)
+from mobilenets.tasks.deploy.qat import input_ranges, qat_finetune
+from mobilenets.tasks.deploy.speed import delta_orthogonal_
+
+SIZE = 32
+
+
+class Exported(nn.Module):
+    """A bare network behind the export contract."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def export_module(self) -> nn.Module:
+        return self.network
+
+    def export_metadata(self) -> dict[str, str]:
+        return {"task": "test", "input_size": str(SIZE), "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
+
+
+@pytest.fixture(scope="module")
+def network() -> nn.Module:
+    torch.manual_seed(0)
+    model = MobileNetV1(num_classes=5, width_mult=0.25, activation="relu6").eval()
+    delta_orthogonal_(model, generator=torch.Generator().manual_seed(0))
+    # batch norms normalise every layer (a random network's activations fade out with depth otherwise) and
+    # the head gives logits of a trained one's scale, a few units: rounding that QAT can reduce
+    recalibrate_batchnorm(model, [sample_inputs(SIZE, 16, seed=7)])
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return model.eval()
+
+
+def test_finetuning_leaves_the_float_model_and_no_fake_quantisation_behind(network: nn.Module) -> None:
+    folded = fold_batchnorm(network)
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    images = sample_inputs(SIZE, 8).numpy()
+    tuned = qat_finetune(folded, images, epochs=1, weight_bits=8)
+    assert all(torch.equal(before[k], v) for k, v in folded.state_dict().items())
+    assert not any(parametrize.is_parametrized(m) for m in tuned.modules())
+    assert not any(m._forward_pre_hooks for m in tuned.modules())
+    assert set(tuned.state_dict()) == set(before)  # a plain network: exports like the original
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(before[k], v)]
+    assert "stem.conv.weight" in changed
+    with pytest.raises(ValueError, match="weight_bits must be 7 or 8"):
+        qat_finetune(folded, images, epochs=1, weight_bits=6)
+
+
+def test_input_ranges_are_the_minmax_of_each_layer_input(network: nn.Module) -> None:
+    folded = fold_batchnorm(network)
+    images = sample_inputs(SIZE, 4)
+    stem = folded.stem.conv
+    ((low, high),) = input_ranges(folded, [stem], images, batch_size=3)
+    assert (low, high) == (float(images.min()), float(images.max()))
+
+
+def test_finetuned_int8_is_closer_to_the_original_float_model(network: nn.Module, tmp_path: Path) -> None:
+    images = sample_inputs(SIZE, 32).numpy()
+    float_path, tuned_path = tmp_path / "float.onnx", tmp_path / "tuned.onnx"
+    export_onnx(Exported(network), float_path)
+    export_qat(Exported(network), float_path, tuned_path, images, epochs=6, weight_bits=8, lr=1e-4)
+    reference = run_onnx(ort_session(float_path), images)[0]
+    errors = []
+    for source in (float_path, tuned_path):
+        out = tmp_path / f"{source.stem}.int8.onnx"
+        quantize_onnx(source, out, images, images, 0.0, 8, reference_path=float_path)
+        errors.append(float(np.abs(run_onnx(ort_session(out), images)[0] - reference).mean()))
+    assert errors[1] < 0.8 * errors[0], errors
+
+
+def test_output_layers_map_to_their_modules(network: nn.Module, tmp_path: Path) -> None:
+    folded = fold_batchnorm(network)
+    assert torch_modules_of(folded, ["/classifier/Gemm", "/blocks/block3/pw/conv/Conv", "/nowhere/Op"]) == [
+        folded.classifier,
+        folded.blocks.block3.pw.conv,
+    ]
+
+
+def test_cli_records_qat_in_the_metadata_and_refuses_it_without_int8(
+    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    task = ImageClassifier(num_classes=3, width_mult=0.25, input_size=SIZE)
+    ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--qat-epochs", "1"])
+    assert exit_info.value.code == 2
+    assert "--qat-epochs needs --int8" in capsys.readouterr().err
+    folder = tmp_path / "calibration"
+    make_calibration_patterns(folder, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
+    argv = ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--int8", "--calibration", str(folder)]
+    assert cli_main([*argv, "--qat-epochs", "1", "--min-agreement", "0"]) == 0
+    metadata = onnx_metadata(out)
+    assert metadata["int8_qat_epochs"] == "1"
+    assert metadata["int8_qat_lr"] == "3e-05"
