@@ -6,6 +6,13 @@ augmentation) is a function of the seed and the epoch alone, and the datamodule'
 Lightning writes into every checkpoint) records the epoch and how many batches of it were trained on. A run
 resumed from a checkpoint therefore sees exactly the batches the uninterrupted run saw after that point,
 whatever the number of workers.
+
+Under DDP every process draws the same global order and takes its own share of it (position ``rank`` of
+every ``world size``), so the processes train on disjoint samples and a sample's augmentation seed does not
+depend on how many there are. The samplers are ``DistributedSampler`` subclasses, which Lightning leaves in
+place instead of installing its own (that would lose the seeded keys and the resume position, and cannot
+go inside a custom batch sampler). Evaluation and predict shares are not padded: every image is evaluated
+exactly once, so a metric gathered over the processes is the single-process one.
 """
 
 from __future__ import annotations
@@ -16,21 +23,27 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mobilenets.backbone.errors import ConfigError
 from mobilenets.datasets.transforms import MINUS_ONE_ONE
 
 #: A sample index, or (index, seed) as yielded by ``EpochSeededSampler(seeded_keys=True)``.
 SampleKey = int | tuple[int, int]
 
 
-class EpochSeededSampler(Sampler):
+class EpochSeededSampler(DistributedSampler):
     """Orders ``length`` samples from ``(seed, epoch)``; yields ``(index, sample seed)`` keys (or plain indices
     with ``seeded_keys=False``).
 
     Lightning calls ``set_epoch`` before each epoch, so the order and every sample's seed are a function of the
     seed and the epoch. ``resume_at(epoch, batches)`` makes the next pass over that epoch skip the batches a
     checkpointed run had already trained on.
+
+    With ``num_replicas`` > 1 (DDP) process ``rank`` takes positions ``rank, rank + num_replicas, ...`` of the
+    global order. ``equal_shares`` (training) repeats the first samples of the order so that every process
+    gets as many (DDP's gradient exchange needs the same number of steps everywhere); without it
+    (evaluation, predict) each sample is yielded by exactly one process and the shares differ by at most one.
     """
 
     def __init__(
@@ -41,13 +54,17 @@ class EpochSeededSampler(Sampler):
         seeded_keys: bool = True,
         batch_size: int = 1,
         epoch: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        equal_shares: bool = True,
     ) -> None:
+        # DistributedSampler's own checks of num_replicas and rank; it only reads the dataset's length
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.length = length
-        self.seed = seed
-        self.shuffle = shuffle
         self.seeded_keys = seeded_keys
         self.batch_size = batch_size
         self.epoch = epoch
+        self.equal_shares = equal_shares
         self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -58,22 +75,68 @@ class EpochSeededSampler(Sampler):
         self._resume = (epoch, batches)
 
     def __len__(self) -> int:
-        return self.length
+        replicas = self.num_replicas
+        if replicas == 1:
+            return self.length
+        if self.equal_shares:
+            return -(-self.length // replicas)
+        return len(range(self.rank, self.length, replicas))
 
     def __iter__(self) -> Iterator[SampleKey]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.length) if self.shuffle else np.arange(self.length)
         sample_seeds = rng.integers(0, 2**31 - 1, size=self.length)
+        if self.num_replicas > 1:
+            if self.equal_shares and self.length % self.num_replicas:
+                padding = self.num_replicas - self.length % self.num_replicas
+                order = np.concatenate([order, np.resize(order, padding)])
+            order = order[self.rank :: self.num_replicas]
         start = 0
         if self._resume is not None:
             epoch, batches = self._resume
             self._resume = None  # one pass only: the next epoch starts from its beginning
             if epoch == self.epoch:
-                start = min(batches * self.batch_size, self.length)
+                start = min(batches * self.batch_size, len(order))
         order = order[start:]
         if not self.seeded_keys:
             return iter(order.tolist())
         return iter(zip(order.tolist(), sample_seeds[order].tolist()))
+
+
+class BatchesAsSamples(DistributedSampler):
+    """A batch sampler of fixed-size batches seen as a sampler of their samples, one batch after another.
+
+    A DataLoader with ``sampler=BatchesAsSamples(s), batch_size=s.batch_size`` yields ``s``'s batches. Being a
+    ``DistributedSampler``, it keeps Lightning from injecting its own sampler under DDP, which a custom batch
+    sampler (the P×K sampler of the faces) cannot take; ``s`` does its own sharding. ``set_epoch`` and
+    ``resume_at`` go to ``s``.
+    """
+
+    def __init__(self, batch_sampler: Any) -> None:
+        # no super().__init__: the sharding, the seed and the epoch are batch_sampler's
+        self.batch_sampler = batch_sampler
+        self.batch_size = int(batch_sampler.batch_size)
+
+    @property
+    def epoch(self) -> int:  # type: ignore[override]
+        return int(self.batch_sampler.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self.batch_sampler.resume_at(epoch, batches)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) * self.batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batch_sampler:
+            if len(batch) != self.batch_size:
+                raise RuntimeError(
+                    f"{type(self.batch_sampler).__name__} gave a batch of {len(batch)}, expected {self.batch_size}"
+                )
+            yield from batch
 
 
 class BaseDataModule(pl.LightningDataModule):
@@ -92,7 +155,8 @@ class BaseDataModule(pl.LightningDataModule):
 
     Subclasses build their datasets and return ``self._loader(dataset, train=...)`` from the
     ``*_dataloader`` hooks; a training loader built with a custom batch sampler passes it as
-    ``batch_sampler`` (it must offer ``set_epoch`` and ``resume_at`` like ``EpochSeededSampler``).
+    ``batch_sampler``: its batches have a fixed ``batch_size``, it offers ``set_epoch`` and ``resume_at`` like
+    ``EpochSeededSampler``, and under DDP it yields this process's share (``self.replicas()`` says which).
     """
 
     #: whether the training dataset takes ``(index, seed)`` keys, so each sample's augmentation follows the
@@ -138,36 +202,58 @@ class BaseDataModule(pl.LightningDataModule):
             return 0
         return int(trainer.fit_loop.epoch_progress.current.processed)
 
+    def replicas(self) -> tuple[int, int]:
+        """(number of processes, this process's rank): (1, 0) outside DDP."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
     def _loader(self, dataset: Dataset, train: bool = False, batch_sampler: Any = None) -> DataLoader:
-        """The one way loaders are built: the resumable sampler (training) or the sequential order."""
+        """The one way loaders are built: the resumable sampler (training) or the sequential order, each
+        process taking its share under DDP."""
         common: dict[str, Any] = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
         )
-        distributed = self.trainer is not None and self.trainer.world_size > 1
         if batch_sampler is not None:
             if train:
                 self._adopt_train_sampler(batch_sampler)
-            return DataLoader(dataset, batch_sampler=batch_sampler, **common)
-        sampler = None
-        if not distributed:  # under DDP Lightning installs a DistributedSampler (seeded, per epoch)
-            sampler = EpochSeededSampler(
-                len(dataset),  # type: ignore[arg-type]
-                seed=self.seed,
-                shuffle=train,
-                seeded_keys=self.seeded_keys and train,  # evaluation does not augment
-                batch_size=self.batch_size,
+            return DataLoader(
+                dataset,
+                sampler=BatchesAsSamples(batch_sampler),
+                batch_size=batch_sampler.batch_size,
+                drop_last=False,
+                **common,
             )
-            if train:
-                self._adopt_train_sampler(sampler)
+        replicas, rank = self.replicas()
+        count = len(dataset)  # type: ignore[arg-type]
+        if 0 < count < replicas:
+            # a process without an image would skip the evaluation, and the others would wait for it forever
+            kind = "training" if train else "evaluation or predict"
+            raise ConfigError(
+                f"trainer: {replicas} processes but only {count} images in the {kind} set; "
+                f"use at most {count} devices"
+            )
+        sampler = EpochSeededSampler(
+            count,
+            seed=self.seed,
+            shuffle=train,
+            seeded_keys=self.seeded_keys and train,  # evaluation does not augment
+            batch_size=self.batch_size,
+            num_replicas=replicas,
+            rank=rank,
+            equal_shares=train,
+        )
+        if train:
+            self._adopt_train_sampler(sampler)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train if sampler is None else None,
             sampler=sampler,
-            drop_last=train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            drop_last=train and len(sampler) > self.batch_size,
             **common,
         )
 

@@ -284,8 +284,14 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
 
     Only identities with at least two images can be drawn; one with fewer than K images is sampled with
     replacement. Each epoch reshuffles with ``seed + epoch`` (Lightning sets the epoch; iterating again
-    without it moves on to the next one). An epoch has ``num_batches`` batches (default: about one pass over
-    the images). ``resume_at`` skips the batches a checkpointed run had trained on, as ``EpochSeededSampler``.
+    without it moves on to the next one). An epoch has ``num_batches`` batches per process (default: about
+    one pass over the images by all processes together). ``resume_at`` skips the batches a checkpointed run
+    had trained on, as ``EpochSeededSampler``.
+
+    Under DDP (``num_replicas`` > 1) every process draws the same sequence of steps; a step picks
+    ``num_replicas`` × P distinct identities and process ``rank`` takes the ``rank``-th P of them, so the
+    processes' simultaneous batches share no identity (and no image). With one process the batches are
+    those of a single-process run.
     """
 
     def __init__(
@@ -295,6 +301,8 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
         images_per_identity: int,
         num_batches: int | None = None,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if identities_per_batch < 2:
             raise ValueError(
@@ -304,19 +312,25 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"images_per_identity (K) must be >= 2 to have positives, got {images_per_identity}"
             )
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
         by_label: dict[int, list[int]] = {}
         for index, label in enumerate(labels):
             by_label.setdefault(int(label), []).append(index)
         self.members = {label: idx for label, idx in by_label.items() if len(idx) >= 2}
-        if len(self.members) < identities_per_batch:
+        needed = identities_per_batch * num_replicas
+        if len(self.members) < needed:
+            across = f" × {num_replicas} processes = {needed}" if num_replicas > 1 else ""
             raise ValueError(
-                f"P×K sampling needs at least P={identities_per_batch} identities with two or more images, "
-                f"found {len(self.members)} (of {len(by_label)} identities)"
+                f"P×K sampling needs at least P={identities_per_batch}{across} identities with "
+                f"two or more images, found {len(self.members)} (of {len(by_label)} identities)"
             )
         self.p = identities_per_batch
         self.k = images_per_identity
-        batch = self.p * self.k
-        self.num_batches = num_batches or max(1, len(labels) // batch)
+        self.batch_size = self.p * self.k
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.num_batches = num_batches or max(1, len(labels) // (self.batch_size * num_replicas))
         self.seed = seed
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
@@ -346,13 +360,18 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng(self.seed + epoch)
         labels = np.array(sorted(self.members))
         for number in range(self.num_batches):
-            batch: list[int] = []
-            for label in rng.choice(labels, size=self.p, replace=False):
-                members = self.members[int(label)]
-                replace = len(members) < self.k
-                batch += [int(i) for i in rng.choice(members, size=self.k, replace=replace)]
+            # every process draws the whole step, so the random stream stays the same everywhere
+            step = rng.choice(labels, size=self.p * self.num_replicas, replace=False)
+            batches: list[list[int]] = []
+            for first in range(0, len(step), self.p):
+                batch: list[int] = []
+                for label in step[first : first + self.p]:
+                    members = self.members[int(label)]
+                    replace = len(members) < self.k
+                    batch += [int(i) for i in rng.choice(members, size=self.k, replace=replace)]
+                batches.append(batch)
             if number >= skip:  # skipped batches are still drawn: the later ones must not change
-                yield batch
+                yield batches[self.rank]
 
 
 # --------------------------------------------------------------------------- datamodule
@@ -373,7 +392,8 @@ class FaceDataModule(BaseDataModule):
         identities_per_batch: P of the P×K sampler.
         images_per_identity: K of the P×K sampler.
         batch_size: batch size of ``shuffle`` training and of evaluation.
-        batches_per_epoch: training batches per epoch (default: about one pass over the images).
+        batches_per_epoch: training batches per epoch and process (default: about one pass over the images by
+            all processes together).
         train_scale: the random-resized-crop scale range of training (aligned crops: keep it mild).
         num_workers: data-loading processes.
         skip_corrupt: skip undecodable training images (counted and logged) instead of failing.
@@ -466,12 +486,15 @@ class FaceDataModule(BaseDataModule):
             self.setup("fit")
         assert self.train_dataset is not None
         if hp.sampler == "pk":
+            replicas, rank = self.replicas()
             sampler = IdentityBalancedBatchSampler(
                 self.train_dataset.labels,
                 hp.identities_per_batch,
                 hp.images_per_identity,
                 hp.batches_per_epoch,
                 self.seed,
+                num_replicas=replicas,
+                rank=rank,
             )
             return self._loader(self.train_dataset, train=True, batch_sampler=sampler)
         # the base drops a last partial batch (batch-norm statistics), unless that would leave no batch at all

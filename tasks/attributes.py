@@ -34,12 +34,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from mobilenets.datasets.atomic import atomic_path, write_csv_atomic
-from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.base import BaseTask, Stage, TaskHead
 from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
 from mobilenets.tasks.figures import pyplot, save_figure
 from mobilenets.tasks.paper import TABLE12, PaperRow, mobilenet_row, table_row
-from mobilenets.tasks.prediction_files import multilabel_rows, predict_output_path
+from mobilenets.tasks.prediction_files import merge_predict_shards, multilabel_rows, predict_output_path
 from mobilenets.tasks.teacher import (
     Teacher,
     TeacherCache,
@@ -112,8 +112,8 @@ class AttributeModel(BaseTask):
             default: what the file says, else this model's ``input_size``.
         teacher_cache_dir: where the teacher's cached outputs live (default ``<default_root_dir>/teacher_cache``).
         teacher_batch_size: images per teacher call while building the cache.
-        predictions_file: CSV written by ``predict`` (default ``<log dir>/predictions.csv``; one
-            ``.rank<N>`` file per process under DDP).
+        predictions_file: CSV written by ``predict`` (default ``<log dir>/predictions.csv``; under DDP each
+            process writes a ``.rank<N>`` shard, merged into this file at the end).
         **kwargs: the backbone and optimisation options of ``BaseTask``. Student configs set
             ``weight_decay: 0`` (the paper: distillation needs no regularisation).
     """
@@ -248,7 +248,12 @@ class AttributeModel(BaseTask):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor:
-        logits = self(batch["image"])
+        return self.head_step(batch, self(batch["image"]), stage)
+
+    def task_head(self) -> TaskHead:
+        return self.classifier_head("logits")
+
+    def head_step(self, batch: dict[str, Any], logits: torch.Tensor, stage: Stage) -> torch.Tensor:
         labels = batch["labels"].float()
         labeled = torch.as_tensor(batch["labeled"], device=logits.device).bool()
         batch_size = len(logits)
@@ -261,7 +266,12 @@ class AttributeModel(BaseTask):
         if teacher_probs is not None:
             distill_loss = emulation_cross_entropy(logits, teacher_probs)
             self.log(
-                f"{stage}/emulation_ce", distill_loss, on_step=False, on_epoch=True, batch_size=batch_size
+                f"{stage}/emulation_ce",
+                distill_loss,
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=stage != "train",
             )
             loss = distill_loss if label_loss is None else (1 - weight) * distill_loss + weight * label_loss
         elif label_loss is not None:
@@ -275,6 +285,7 @@ class AttributeModel(BaseTask):
             on_step=stage == "train",
             on_epoch=True,
             batch_size=batch_size,
+            sync_dist=stage != "train",  # DDP: averaged over the processes' shares of the images
         )
         if stage != "train" and has_labels:
             probs, target = logits[labeled].sigmoid(), labels[labeled].long()
@@ -301,7 +312,9 @@ class AttributeModel(BaseTask):
         self._predict_paths, self._predict_logits = [], []
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        logits = self.predict_network(batch["image"])
+        return self.head_predict(batch, self.predict_network(batch["image"]))
+
+    def head_predict(self, batch: dict[str, Any], logits: torch.Tensor) -> dict[str, Any]:
         self._predict_paths += [str(p) for p in batch["path"]]
         self._predict_logits.append(logits.detach().float().cpu())
         return {"path": batch["path"], "probabilities": logits.sigmoid()}
@@ -312,18 +325,21 @@ class AttributeModel(BaseTask):
         rows = multilabel_rows(self._predict_paths, logits.numpy(), self.attribute_names, present_column=True)
         path = predict_output_path(self.trainer, self.hparams.get("predictions_file"), "predictions.csv")
         write_csv_atomic(path, rows)
+        path = merge_predict_shards(self.trainer, path)  # DDP: the processes' shards become one file
         self.last_predictions_path = path
         self._predict_paths, self._predict_logits = [], []
         print(f"wrote {count} attribute probabilities of {len(rows) - 1} images to {path}")
 
     # ------------------------------------------------------------------ test report
     def on_test_epoch_end(self) -> None:
-        per_attribute = self.test_attribute_ap.per_attribute().cpu()
-        positives = self.test_attribute_ap.positives.cpu()
+        with self.test_attribute_ap.sync_context():  # DDP: over every process's images (unsynced after)
+            per_attribute = self.test_attribute_ap.per_attribute().cpu()
+            positives = self.test_attribute_ap.positives.cpu()
         self.test_attribute_ap.reset()
+        # on every process: the log dir is agreed on by a broadcast
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         write_attribute_ap(out_dir, self.attribute_names, per_attribute, positives)
         print(self.format_table12(float(torch.nanmean(per_attribute))))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +61,30 @@ class StageMetrics(nn.Module):
 
 class CheckpointError(MobilenetsError, ValueError):
     """A checkpoint file that cannot be read as expected; the message names the file."""
+
+
+class TaskHeadError(MobilenetsError, ValueError):
+    """A task that cannot serve as a head on a shared backbone; the message names the task."""
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """A task's head on the backbone's feature maps: what a multi-task model (``tasks/multitask.py``) needs to
+    run the task on a shared MobileNet body. Everything in it is the task's own (modules and code, no copies);
+    the task's loss and prediction files come from its ``head_step`` and ``head_predict``.
+
+    Args:
+        module: the head's layers (modules of the task: training them trains the task).
+        taps: the backbone feature taps (``MobileNetV1.feature_info`` names) the head reads.
+        forward: the tap maps (name → tensor) → the head's outputs: what the task's ``export_module()``
+            returns for the same images.
+        output_names: one name per output of ``forward``.
+    """
+
+    module: nn.Module
+    taps: tuple[str, ...]
+    forward: Callable[[Mapping[str, torch.Tensor]], Any]
+    output_names: tuple[str, ...]
 
 
 TASK_CLASS_KEY = "mobilenets_task"
@@ -208,6 +234,33 @@ class BaseTask(pl.LightningModule):
 
     def _shared_step(self, batch: Any, stage: Stage) -> torch.Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ head contract (a shared backbone)
+    def task_head(self) -> TaskHead:
+        """This task's head on the backbone's taps (tasks that can share a backbone override it)."""
+        raise TaskHeadError(f"{type(self).__name__} has no head for a shared backbone (task_head)")
+
+    def head_step(self, batch: Any, outputs: Any, stage: Stage) -> torch.Tensor | None:
+        """The loss of one of this task's batches from its head's outputs (``task_head().forward``), with the
+        metrics and logs of the task's own step: ``_shared_step`` without the forward pass."""
+        raise TaskHeadError(f"{type(self).__name__} has no head for a shared backbone (head_step)")
+
+    def head_predict(self, batch: Any, outputs: Any) -> Any:
+        """Collect one predict batch from the head's outputs for the task's prediction files (written by its
+        ``on_predict_epoch_end``): ``predict_step`` without the forward pass."""
+        raise TaskHeadError(f"{type(self).__name__} has no head for a shared backbone (head_predict)")
+
+    def classifier_head(self, output_name: str = "logits") -> TaskHead:
+        """The head of a task whose classifier is the backbone's own: pool, dropout and linear layer on the
+        last feature map."""
+        backbone = self.backbone
+        last = backbone.feature_info[-1].name
+        return TaskHead(
+            module=backbone.classifier,
+            taps=(last,),
+            forward=lambda maps: backbone.forward_head(maps[last]),
+            output_names=(output_name,),
+        )
 
     # ------------------------------------------------------------------ backbone
     def build_backbone(self, num_classes: int = 0, **overrides: Any) -> MobileNetV1:

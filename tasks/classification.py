@@ -20,12 +20,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mobilenets.backbone.errors import MobilenetsError
 from mobilenets.datasets.atomic import write_csv_atomic
-from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.base import BaseTask, Stage, TaskHead
 from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
 from mobilenets.tasks.figures import pyplot, save_figure
 from mobilenets.tasks.paper import PaperRow, mobilenet_row
-from mobilenets.tasks.prediction_files import predict_output_path, topk_rows
+from mobilenets.tasks.prediction_files import merge_predict_shards, predict_output_path, topk_rows
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +140,24 @@ class ImageClassifier(BaseTask):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor:
-        images, target = batch["image"], batch["target"]
-        logits = self(images)
+        return self.head_step(batch, self(batch["image"]), stage)
+
+    def task_head(self) -> TaskHead:
+        return self.classifier_head("logits")
+
+    def head_step(self, batch: dict[str, Any], logits: torch.Tensor, stage: Stage) -> torch.Tensor:
+        target = batch["target"]
         loss = self.criterion(logits, target)
         self.log(
             f"{stage}/loss",
             loss,
             on_step=stage == "train",
             on_epoch=True,
-            batch_size=len(images),
+            batch_size=len(logits),
             prog_bar=stage != "test",
             sync_dist=stage != "train",
         )
-        self.log_metrics(stage, logits, target, len(images))
+        self.log_metrics(stage, logits, target, len(logits))
         if stage == "test":
             self.confusion.update(logits.argmax(1), target)
         return loss
@@ -164,11 +169,12 @@ class ImageClassifier(BaseTask):
 
     def on_test_epoch_end(self) -> None:
         matrix = self.confusion.compute().cpu()  # summed over processes under DDP
+        # on every process: the log dir is agreed on by a broadcast
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
         report = self.test_report(matrix)
         print(report)
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         self.write_per_class_csv(matrix, folder / "per_class_accuracy.csv")
         self.plot_confusion(matrix, folder / "confusion_matrix.png")
         print(f"wrote {folder / 'per_class_accuracy.csv'} and {folder / 'confusion_matrix.png'}")
@@ -243,7 +249,10 @@ class ImageClassifier(BaseTask):
             self._build_head(count)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        probabilities = self.predict_network(batch["image"]).softmax(dim=1)
+        return self.head_predict(batch, self.predict_network(batch["image"]))
+
+    def head_predict(self, batch: dict[str, Any], logits: torch.Tensor) -> dict[str, Any]:
+        probabilities = logits.softmax(dim=1)
         top = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
         self._predictions.append((list(batch["path"]), top.indices.cpu(), top.values.float().cpu()))
         return {"path": list(batch["path"]), "top_indices": top.indices, "top_probabilities": top.values}
@@ -256,6 +265,7 @@ class ImageClassifier(BaseTask):
         names = [str(name) for name in self.hparams.get("class_names") or []]
         path = predict_output_path(self.trainer, self.hparams.get("predictions_file"), "predictions.csv")
         write_csv_atomic(path, topk_rows(paths, indices.numpy(), values.numpy(), names))
+        path = merge_predict_shards(self.trainer, path)  # DDP: the processes' shards become one file
         self.last_predictions_path = path
         print(f"wrote top-{k} predictions of {len(paths)} images to {path}")
 

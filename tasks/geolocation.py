@@ -20,11 +20,13 @@ from torchmetrics.utilities import dim_zero_cat
 from mobilenets.backbone.profile import count_mult_adds, count_parameters
 from mobilenets.datasets.atomic import write_text_atomic
 from mobilenets.datasets.s2cells import Partition, PartitionError, cell_token, token_to_cell_id
-from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.base import BaseTask, Stage, TaskHead
 from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
+from mobilenets.tasks.distributed import gather_objects
 from mobilenets.tasks.figures import pyplot, save_figure
 from mobilenets.tasks.paper import TABLE11_SCALES, PaperRow, mobilenet_row, table_row
+from mobilenets.tasks.prediction_files import merge_predict_shards, predict_output_path
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,8 @@ class MedianDistance(Metric):
         self.distances.append(distance[~torch.isnan(distance)])
 
     def compute(self) -> torch.Tensor:
-        distances = dim_zero_cat(self.distances) if self.distances else torch.zeros(0)
+        # a list of batches, or after the DDP sync one tensor of every process's distances
+        distances = dim_zero_cat(self.distances) if len(self.distances) else torch.zeros(0)
         return distances.median() if distances.numel() else torch.tensor(float("nan"))
 
 
@@ -327,7 +330,11 @@ class GeoClassifier(BaseTask):
 
     def locate(self, images: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
         """Top-``k`` cells per image: ``cells`` (indices), ``probabilities``, ``latlon`` (B, k, 2)."""
-        probabilities = self.predict_network(images).softmax(dim=1)
+        return self.top_cells(self.predict_network(images), k)
+
+    def top_cells(self, logits: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
+        """``locate`` from the network's cell logits."""
+        probabilities = logits.softmax(dim=1)
         top = probabilities.topk(min(k, self._num_cells), dim=1)
         return {"cells": top.indices, "probabilities": top.values, "latlon": self.cell_centers[top.indices]}
 
@@ -352,7 +359,12 @@ class GeoClassifier(BaseTask):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: Any, stage: Stage) -> torch.Tensor:
-        logits = self(batch["image"])
+        return self.head_step(batch, self(batch["image"]), stage)
+
+    def task_head(self) -> TaskHead:
+        return self.classifier_head("cell_logits")
+
+    def head_step(self, batch: Any, logits: torch.Tensor, stage: Stage) -> torch.Tensor:
         labels = batch["label"]
         known = labels >= 0
         batch_size = labels.shape[0]
@@ -369,6 +381,7 @@ class GeoClassifier(BaseTask):
             on_epoch=True,
             prog_bar=True,
             batch_size=batch_size,
+            sync_dist=stage != "train",  # DDP: averaged over the processes' shares of the photos
         )
         top_cell = logits.argmax(dim=1)
         if known.any():
@@ -388,8 +401,14 @@ class GeoClassifier(BaseTask):
 
     def on_test_epoch_end(self) -> None:
         distances = torch.cat(self._test_distances).numpy() if self._test_distances else np.zeros(0)
+        # under DDP each process tested its share of the photos: the table is over all of them
+        distances = np.concatenate(gather_objects(distances))
         distances = distances[~np.isnan(distances)]
         ours = accuracy_at_distances(distances)
+        self.last_test_accuracy = ours
+        out_dir = self._output_dir()  # on every process: the log dir is agreed on by a broadcast
+        if not self.trainer.is_global_zero:
+            return
         size = self.hparams.input_size
         # BaseTask.profile() feeds a CPU tensor; count on the model's own device
         mult_adds = count_mult_adds(self, torch.zeros(1, 3, size, size, device=self.device)) / 1e6
@@ -398,13 +417,11 @@ class GeoClassifier(BaseTask):
             "\n" + format_table11(ours, mult_adds, parameters, int(distances.size)) + "\n",
             flush=True,
         )
-        out_dir = self._output_dir()
         plot_accuracy_vs_distance(
             distances,
             out_dir / "accuracy_vs_distance.png",
             title=f"{self.hparams.width_mult:g} MobileNet-{self.hparams.input_size}, {self._num_cells} cells",
         )
-        self.last_test_accuracy = ours
 
     def _output_dir(self) -> Path:
         if self.hparams.predictions_dir:
@@ -451,37 +468,55 @@ class GeoClassifier(BaseTask):
         self._predictions = []
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        located = self.locate(batch["image"], self.hparams.top_k)
+        return self.head_predict(batch, self.predict_network(batch["image"]))
+
+    def head_predict(self, batch: Any, logits: torch.Tensor) -> dict[str, Any]:
+        located = self.top_cells(logits, self.hparams.top_k)
+        # a plain image folder (a multi-task predict) has no coordinates: unknown truth, as in a geotag file
+        truth = batch["latlon"] if "latlon" in batch else torch.full((len(logits), 2), float("nan"))
         result = {
             "path": list(batch["path"]),
             "cells": located["cells"].cpu(),
             "probabilities": located["probabilities"].float().cpu(),
             "latlon": located["latlon"].cpu(),
-            "true_latlon": batch["latlon"].double().cpu(),
+            "true_latlon": truth.double().cpu(),
         }
         self._predictions.append(result)
         return result
 
     def on_predict_epoch_end(self) -> None:
-        if not self._predictions:
+        if not self._predictions and self.trainer.world_size <= 1:
             return
+        k = min(self.hparams.top_k, self._num_cells)
         paths = [p for batch in self._predictions for p in batch["path"]]
-        cells = torch.cat([b["cells"] for b in self._predictions]).numpy()
-        probabilities = torch.cat([b["probabilities"] for b in self._predictions]).numpy()
-        latlon = torch.cat([b["latlon"] for b in self._predictions]).numpy()
-        truth = torch.cat([b["true_latlon"] for b in self._predictions]).numpy()
+        cells = torch.cat([b["cells"] for b in self._predictions]).numpy() if paths else np.zeros((0, k), int)
+        probabilities = (
+            torch.cat([b["probabilities"] for b in self._predictions]).numpy() if paths else np.zeros((0, k))
+        )
+        latlon = torch.cat([b["latlon"] for b in self._predictions]).numpy() if paths else np.zeros((0, k, 2))
+        truth = (
+            torch.cat([b["true_latlon"] for b in self._predictions]).numpy() if paths else np.zeros((0, 2))
+        )
         out_dir = self._output_dir()
-        csv_path = out_dir / "predictions.csv"
-        write_predictions_csv(csv_path, paths, cells, probabilities, latlon, truth, self.cell_tokens())
+        csv_path = predict_output_path(self.trainer, out_dir / "predictions.csv", "predictions.csv")
+        # one header for every shard: the truth columns when any process's photos have coordinates
+        has_truth = any(gather_objects(bool(not np.isnan(truth).all())))
+        write_predictions_csv(
+            csv_path, paths, cells, probabilities, latlon, truth, self.cell_tokens(), has_truth=has_truth
+        )
+        csv_path = merge_predict_shards(self.trainer, csv_path)  # DDP: the processes' shards become one file
         print(f"wrote {len(paths)} predictions to {csv_path}", flush=True)
-        if self.hparams.world_map:
+        if self.trainer.world_size > 1 and self.hparams.world_map:  # the map shows every process's photos
+            shares = gather_objects((latlon[:, :1], truth, probabilities[:, :1]))
+            latlon, truth, probabilities = (np.concatenate([share[i] for share in shares]) for i in range(3))
+        if self.hparams.world_map and self.trainer.is_global_zero and len(latlon):
             plot_world_map(
                 latlon[:, 0],
                 out_dir / "predictions_map.png",
                 true_latlon=truth if not np.isnan(truth).all() else None,
                 probabilities=probabilities[:, 0],
                 cell_centers=self.cell_centers.cpu().numpy(),
-                title=f"{len(paths)} photos; top cell of {self._num_cells}",
+                title=f"{len(latlon)} photos; top cell of {self._num_cells}",
             )
 
     # ------------------------------------------------------------------ reporting
@@ -511,14 +546,17 @@ def write_predictions_csv(
     latlon: np.ndarray,
     true_latlon: np.ndarray,
     tokens: Sequence[str],
+    has_truth: bool | None = None,
 ) -> None:
     """``image,lat,lon,cell,probability`` (the top cell), then the other top-k cells, then the truth and the
-    error in km where the input had coordinates. Written atomically."""
+    error in km where the input had coordinates (``has_truth``; default: where any row has them). Written
+    atomically."""
     k = cells.shape[1]
     header = ["image", "lat", "lon", "cell", "probability"]
     for rank in range(2, k + 1):
         header += [f"cell_{rank}", f"probability_{rank}", f"lat_{rank}", f"lon_{rank}"]
-    has_truth = not np.isnan(true_latlon).all()
+    if has_truth is None:
+        has_truth = not np.isnan(true_latlon).all()
     if has_truth:
         header += ["true_lat", "true_lon", "error_km"]
         errors = haversine_km(latlon[:, 0, 0], latlon[:, 0, 1], true_latlon[:, 0], true_latlon[:, 1])

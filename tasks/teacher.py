@@ -15,7 +15,8 @@ Shared tool of the distillation tasks (face attributes, face embeddings); not a 
   memory-mapped float32 ``.npy`` array beside a JSON list of the images. The file names hold the teacher's
   sha256 and a hash of the preprocessing key, the activation and the image list (paths, sizes, mtimes), so a
   changed teacher or preprocessing never reuses a stale cache. Both files are written under temporary
-  names and renamed into place; the JSON is renamed last and is what marks a cache complete.
+  names and renamed into place; the JSON is renamed last and is what marks a cache complete. Under DDP the
+  processes share the work and process 0 writes the cache once.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,10 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mobilenets.backbone.errors import MobilenetsError
+from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import CROP_FRACTION, ClassificationTransform
 from mobilenets.tasks.base import BaseTask, CheckpointError
 from mobilenets.tasks.deploy.export import ExportError, parse_floats
+from mobilenets.tasks.distributed import barrier, gather_objects, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +370,62 @@ def _read_cache(array_file: Path, index_file: Path, expected: dict[str, Any]) ->
     return TeacherCache(outputs, [Path(p) for p in metadata["paths"]], array_file, index_file, built=False)
 
 
+def _teacher_rows(
+    teacher: Teacher,
+    paths: Sequence[Path],
+    make_batch: Callable[[Sequence[Path]], torch.Tensor],
+    batch_size: int,
+    activation: Activation,
+    num_workers: int,
+    show_progress: bool = True,
+) -> Iterator[np.ndarray]:
+    """The teacher's float32 outputs for ``paths``, batch after batch, in order."""
+    loader = torch.utils.data.DataLoader(
+        _PathBatches(paths, batch_size, make_batch), batch_size=None, num_workers=num_workers, shuffle=False
+    )
+    with tqdm(
+        total=len(paths), desc=f"teacher outputs ({teacher.path.name})", unit="img", disable=not show_progress
+    ) as bar:
+        for batch in loader:
+            result = teacher(batch)
+            if activation == "sigmoid":
+                result = result.sigmoid()
+            values = result.detach().to("cpu", torch.float32).numpy()
+            bar.update(len(values))
+            yield values
+
+
+def _write_index(
+    index_file: Path, expected: dict[str, Any], teacher: Teacher, array_file: Path, paths: list[Path]
+) -> None:
+    """The JSON that names the images of ``array_file``'s rows; renamed into place last, it marks the cache
+    complete."""
+    with atomic_path(index_file, ".json") as temp:
+        temp.write_text(
+            json.dumps(
+                {
+                    **expected,
+                    "teacher_path": str(teacher.path),
+                    "shape": list(np.load(array_file, mmap_mode="r").shape),
+                    "paths": [str(p) for p in paths],
+                }
+            )
+        )
+
+
+def _write_cache(
+    outputs: np.ndarray,
+    array_file: Path,
+    index_file: Path,
+    expected: dict[str, Any],
+    teacher: Teacher,
+    paths: list[Path],
+) -> None:
+    with atomic_path(array_file, ".npy") as temp, temp.open("wb") as stream:
+        np.save(stream, outputs)
+    _write_index(index_file, expected, teacher, array_file, paths)
+
+
 def cached_teacher_outputs(
     teacher: Teacher,
     image_paths: Sequence[Path],
@@ -379,6 +438,12 @@ def cached_teacher_outputs(
     device: torch.device | str | None = None,
 ) -> TeacherCache:
     """The teacher's outputs for ``image_paths``, from the cache in ``cache_dir`` or computed once now.
+
+    Under DDP (a process group of several processes; call it on every one of them) the processes agree on
+    whether the cache exists; if not, each runs the teacher on its share of the images (positions ``rank``,
+    ``rank + world size``, ...), the shares are gathered, process 0 writes the cache and the others wait
+    for it, then every process reads it. A process that still does not see the cache (``cache_dir`` on a
+    disk that is not shared between the nodes) writes its own copy from the gathered outputs.
 
     Args:
         teacher: the network; its checksum keys the cache.
@@ -410,60 +475,69 @@ def cached_teacher_outputs(
         "images_digest": images_digest,
     }
     cached = _read_cache(array_file, index_file, expected)
-    if cached is not None:
+    rank, world = rank_and_world()
+    # every process takes the same branch, or the collectives below would wait for each other forever
+    everywhere = all(gather_objects(cached is not None))
+    if cached is not None and everywhere:
         log.info("reusing teacher outputs %s (%d images)", array_file, len(cached))
         return cached
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     if device is not None:
         teacher.to(device)
-    suffix = f".tmp-{os.getpid()}"
-    array_tmp = array_file.with_name(array_file.name + suffix + ".npy")
-    index_tmp = index_file.with_name(index_file.name + suffix)
-    loader = torch.utils.data.DataLoader(
-        _PathBatches(paths, batch_size, make_batch),
-        batch_size=None,
-        num_workers=num_workers,
-        shuffle=False,
-    )
-    outputs: np.memmap | None = None
-    row = 0
-    try:
-        with tqdm(total=len(paths), desc=f"teacher outputs ({teacher.path.name})", unit="img") as bar:
-            for batch in loader:
-                result = teacher(batch)
-                if activation == "sigmoid":
-                    result = result.sigmoid()
-                values = result.detach().to("cpu", torch.float32).numpy()
-                if outputs is None:
-                    outputs = np.lib.format.open_memmap(
-                        array_tmp, mode="w+", dtype=np.float32, shape=(len(paths), values.shape[1])
-                    )
-                outputs[row : row + len(values)] = values
-                row += len(values)
-                bar.update(len(values))
-        if outputs is None or row != len(paths):
-            raise RuntimeError(f"teacher cache: make_batch returned {row} rows for {len(paths)} images")
-        outputs.flush()
-        del outputs
-        os.replace(array_tmp, array_file)
-        index_tmp.write_text(
-            json.dumps(
-                {
-                    **expected,
-                    "teacher_path": str(teacher.path),
-                    "shape": list(np.load(array_file, mmap_mode="r").shape),
-                    "paths": [str(p) for p in paths],
-                }
-            )
-        )
-        os.replace(index_tmp, index_file)
-    finally:
-        for leftover in (array_tmp, index_tmp):
-            leftover.unlink(missing_ok=True)
+    rows = partial(
+        _teacher_rows, teacher, make_batch=make_batch, batch_size=batch_size, activation=activation,
+        num_workers=num_workers, show_progress=rank == 0,
+    )  # fmt: skip
+    if world > 1:
+        share = list(rows(paths[rank::world]))
+        parts = gather_objects(np.concatenate(share) if share else np.zeros((0, 0), np.float32))
+        width = max(part.shape[1] for part in parts)
+        outputs = np.empty((len(paths), width), dtype=np.float32)
+        for part_rank, part in enumerate(parts):
+            if len(part) != len(paths[part_rank::world]):
+                raise RuntimeError(
+                    f"teacher cache: make_batch returned {len(part)} rows for the "
+                    f"{len(paths[part_rank::world])} images of process {part_rank}"
+                )
+            outputs[part_rank::world] = part
+        if rank == 0:
+            _write_cache(outputs, array_file, index_file, expected, teacher, paths)
+        barrier()
+        if _read_cache(array_file, index_file, expected) is None:
+            log.info("%s: not on a disk shared with process 0; writing this process's copy", index_file)
+            _write_cache(outputs, array_file, index_file, expected, teacher, paths)
+    else:
+        _build_cache(rows(paths), array_file, index_file, expected, teacher, paths)
     log.info("cached teacher outputs for %d images in %s", len(paths), array_file)
     result_cache = _read_cache(array_file, index_file, expected)
     if result_cache is None:  # pragma: no cover - only if another process removed the files meanwhile
         raise RuntimeError(f"teacher cache {index_file} vanished right after it was written")
     result_cache.built = True
     return result_cache
+
+
+def _build_cache(
+    batches: Iterator[np.ndarray],
+    array_file: Path,
+    index_file: Path,
+    expected: dict[str, Any],
+    teacher: Teacher,
+    paths: list[Path],
+) -> None:
+    """Stream the teacher's outputs into a memory-mapped ``.npy`` (bounded memory), then the index JSON."""
+    with atomic_path(array_file, ".npy") as array_tmp:
+        outputs: np.memmap | None = None
+        row = 0
+        for values in batches:
+            if outputs is None:
+                outputs = np.lib.format.open_memmap(
+                    array_tmp, mode="w+", dtype=np.float32, shape=(len(paths), values.shape[1])
+                )
+            outputs[row : row + len(values)] = values
+            row += len(values)
+        if outputs is None or row != len(paths):
+            raise RuntimeError(f"teacher cache: make_batch returned {row} rows for {len(paths)} images")
+        outputs.flush()
+        del outputs
+    _write_index(index_file, expected, teacher, array_file, paths)

@@ -1,7 +1,10 @@
 """``mobilenets faces``: build, extend and search face-embedding indexes.
 
 mobilenets faces index build --gallery DIR --ckpt_path MODEL.ckpt --out INDEX_DIR [--index flat|ivf|ivf-rerank|hnsw|ivfpq]
+mobilenets faces index build --embeddings SHARDS_DIR --out INDEX_DIR [--like TRAINED_INDEX_DIR]
 mobilenets faces index add --index INDEX_DIR --gallery DIR [--replace]
+mobilenets faces index add --index INDEX_DIR --embeddings SHARDS_DIR [--replace]
+mobilenets faces index merge INDEX_A INDEX_B --out INDEX_DIR
 mobilenets faces index remove --index INDEX_DIR --path IMG | --id N | --identity NAME
 mobilenets faces index info --index INDEX_DIR
 mobilenets faces search --index INDEX_DIR --image probe.jpg -k 5
@@ -26,6 +29,7 @@ from mobilenets.tasks.faces.index import (
     SearchHit,
     default_index_kind,
 )
+from mobilenets.tasks.faces.shards import ShardSet
 from mobilenets.tasks.faces.verification import best_accuracy_threshold
 
 
@@ -50,15 +54,8 @@ def calibrate_threshold(embedder: ImageEmbedder, pairs_file: Path, pairs_dir: Pa
     return best_accuracy_threshold((a * b).sum(1), np.array([p.same for p in pairs]))
 
 
-def build(args: argparse.Namespace) -> int:
-    if (args.out / METADATA_FILE).exists() and not args.overwrite:  # before minutes of embedding
-        raise FaceIndexError(
-            f"{args.out}: already holds a face index ({args.out / METADATA_FILE}); choose another --out or "
-            "pass --overwrite to replace it"
-        )
-    samples = _gallery_samples(args)
-    embedder = ImageEmbedder.load(args.ckpt_path)
-    params = {
+def _index_params(args: argparse.Namespace) -> dict[str, int]:
+    return {
         key: value
         for key, value in (
             ("nlist", args.nlist),
@@ -69,6 +66,23 @@ def build(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
+
+
+def build(args: argparse.Namespace) -> int:
+    if (args.out / METADATA_FILE).exists() and not args.overwrite:  # before minutes of embedding
+        raise FaceIndexError(
+            f"{args.out}: already holds a face index ({args.out / METADATA_FILE}); choose another --out or "
+            "pass --overwrite to replace it"
+        )
+    if args.embeddings:
+        return build_from_shards(args)
+    if args.like:
+        raise FaceIndexError("--like builds from embedding shards: give --embeddings FOLDER")
+    if not args.ckpt_path:
+        raise FaceIndexError("index build needs --ckpt_path MODEL.ckpt (or --embeddings FOLDER of shards)")
+    samples = _gallery_samples(args)
+    embedder = ImageEmbedder.load(args.ckpt_path)
+    params = _index_params(args)
     kind = args.index or default_index_kind(len(samples))
     how = "requested" if args.index else f"default for a gallery of {len(samples)} faces"
     print(f"index type: {kind} ({how})")
@@ -98,7 +112,51 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_from_shards(args: argparse.Namespace) -> int:
+    """``index build --embeddings``: the shards' embeddings, without the model."""
+    if args.gallery or args.csv or args.pairs or args.ckpt_path:
+        raise FaceIndexError(
+            "--embeddings builds from embedding shards, which record their model: --gallery, --csv, --pairs "
+            "and --ckpt_path build with the model instead"
+        )
+    if args.like and (args.index or _index_params(args)):
+        raise FaceIndexError(
+            f"--like {args.like} takes that index's type and parameters: drop --index, --nlist, ..."
+        )
+    shards = ShardSet.open(args.embeddings)
+    print(f"embeddings: {shards.describe()}")
+    like = FaceIndex.open(args.like) if args.like else None
+    if like is not None:
+        print(f"index type: {like.kind} {like.params}, trained like {args.like}")
+    else:
+        kind = args.index or default_index_kind(shards.count)
+        how = "requested" if args.index else f"default for {shards.count} faces"
+        print(f"index type: {kind} ({how})")
+    index = FaceIndex.create_from_shards(
+        args.out,
+        shards,
+        kind=args.index,
+        params=_index_params(args),
+        threshold=args.threshold,
+        threshold_source="user (--threshold)",
+        overwrite=args.overwrite,
+        like=like,
+    )
+    print(f"built {index.describe()}")
+    return 0
+
+
 def add(args: argparse.Namespace) -> int:
+    if args.embeddings:
+        if args.gallery or args.csv or args.image:
+            raise FaceIndexError(
+                "give either --embeddings FOLDER or images (--gallery, --csv, --image), not both"
+            )
+        index = FaceIndex.open(args.index)
+        ids = index.add_shards(ShardSet.open(args.embeddings), replace=args.replace)
+        index.save()
+        print(f"added {len(ids)} faces from {args.embeddings}; {index.describe()}")
+        return 0
     index = FaceIndex.open(args.index, args.ckpt_path)
     samples = _gallery_samples(args)
     existing = index.ids_of_paths([s.path for s in samples])
@@ -122,6 +180,14 @@ def remove(args: argparse.Namespace) -> int:
     removed = index.remove(ids=args.id or (), paths=args.path or (), identity=args.identity)
     index.save()
     print(f"removed {removed} faces; {index.describe()}")
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    merged = FaceIndex.merge(
+        FaceIndex.open(args.first), FaceIndex.open(args.second), args.out, args.overwrite
+    )
+    print(f"merged {args.first} and {args.second} into {merged.describe()}")
     return 0
 
 
@@ -188,15 +254,26 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--csv", type=Path, help="a path,identity CSV instead of folders")
         p.add_argument("--batch-size", type=int, default=64)
 
-    b = index_commands.add_parser("build", help="embed a gallery and write a new index")
+    b = index_commands.add_parser("build", help="embed a gallery (or read embedding shards) into a new index")
     gallery_options(b)
     b.add_argument(
         "--ckpt_path",
         "--ckpt-path",
         dest="ckpt_path",
         type=Path,
-        required=True,
-        help="FaceEmbedder checkpoint",
+        help="FaceEmbedder checkpoint (required with --gallery / --csv)",
+    )
+    b.add_argument(
+        "--embeddings",
+        type=Path,
+        help="a folder of embedding shards (written by `mobilenets predict` on a faces config): build from "
+        "them without the model",
+    )
+    b.add_argument(
+        "--like",
+        type=Path,
+        help="with --embeddings: reuse this index's type, parameters, threshold and training (IVF centroids, "
+        "PQ codebooks), so that the two can be joined by `index merge`",
     )
     b.add_argument("--out", type=Path, required=True, help="index directory to write")
     b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
@@ -216,6 +293,7 @@ def make_parser() -> argparse.ArgumentParser:
     gallery_options(a)
     a.add_argument("--image", type=Path, nargs="+", help="image file(s) of one identity")
     a.add_argument("--identity", help="identity of --image")
+    a.add_argument("--embeddings", type=Path, help="a folder of embedding shards of the index's model")
     a.add_argument("--replace", action="store_true", help="replace faces whose image path is already indexed")
     a.add_argument(
         "--ckpt_path", "--ckpt-path", dest="ckpt_path", type=Path, help="model (default: the index's)"
@@ -228,6 +306,15 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--path", type=Path, nargs="+")
     r.add_argument("--identity")
     r.set_defaults(run=remove)
+
+    m = index_commands.add_parser(
+        "merge", help="join two indexes of disjoint images built alike (build --like) into a new one"
+    )
+    m.add_argument("first", type=Path, help="an index; its face ids stay")
+    m.add_argument("second", type=Path, help="an index trained like the first; its ids move past the first's")
+    m.add_argument("--out", type=Path, required=True, help="index directory to write")
+    m.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    m.set_defaults(run=merge)
 
     i = index_commands.add_parser("info", help="print an index's metadata")
     i.add_argument("--index", type=Path, required=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD, SSDScoringHead
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from mobilenets.backbone.mobilenet import ConvBNAct, MobileNetV1
+from mobilenets.tasks.base import Stage, TaskHead
 from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
 from mobilenets.tasks.detection.task import DetectionTask
@@ -134,7 +135,11 @@ class SSDFeatureMaps(nn.Module):
         self.extras = nn.ModuleList(extras)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.body.forward_taps(x, self.taps)
+        return self.from_taps(self.body.forward_taps(x, self.taps))
+
+    def from_taps(self, taps: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        """The maps SSD predicts from, given the body's ``taps`` (a shared backbone computed them)."""
+        maps = OrderedDict((name, taps[name]) for name in self.taps)
         y = maps[self.taps[-1]]
         for index, extra in enumerate(self.extras):
             y = extra(y)
@@ -321,6 +326,89 @@ class SSDDetection(DetectionTask):
 
     def export_module(self) -> nn.Module:
         return SSDRawOutputs(self.model.backbone, self.model.head).eval()
+
+    # ---------------------------------------------------------------- head on a shared backbone
+    def task_head(self) -> TaskHead:
+        features, head = self.model.backbone, self.model.head
+
+        def forward(maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            out = head(list(features.from_taps(maps).values()))
+            return out["bbox_regression"], out["cls_logits"]
+
+        return TaskHead(
+            module=nn.ModuleDict({"extras": features.extras, "head": head}),
+            taps=tuple(features.taps),
+            forward=forward,
+            output_names=("box_deltas", "class_logits"),
+        )
+
+    def _head_anchors(self, device: torch.device) -> torch.Tensor:
+        anchors = getattr(self, "_shared_anchors", None)
+        if anchors is None:
+            anchors = self._shared_anchors = self.anchors()
+        return anchors.to(device)
+
+    def _decode(
+        self, raw: tuple[torch.Tensor, torch.Tensor], sizes: Any = None
+    ) -> list[dict[str, torch.Tensor]]:
+        hp = self.hparams
+        size = int(hp.input_size)
+        return ssd_postprocess(
+            raw[0],
+            raw[1],
+            self._head_anchors(raw[0].device),
+            (size, size),
+            original_sizes=sizes,
+            score_thresh=hp.score_thresh,
+            nms_thresh=hp.nms_thresh,
+            topk_candidates=hp.topk_candidates,
+            detections_per_img=hp.detections_per_img,
+        )
+
+    def head_step(
+        self, batch: Any, raw: tuple[torch.Tensor, torch.Tensor], stage: Stage
+    ) -> torch.Tensor | None:
+        """SSD's loss (torchvision's matching and hard-negative mining) on the raw head outputs of a
+        ``(images, targets)`` batch; in evaluation, the decoded detections for COCO mAP."""
+        images, targets = batch
+        if stage != "train":
+            self.collect_detections(self._decode(raw, [tuple(i.shape[-2:]) for i in images]), targets, stage)
+            return None
+        anchors = self._head_anchors(raw[0].device)
+        matched = []
+        for target in targets:
+            if target["boxes"].numel() == 0:
+                matched.append(torch.full((len(anchors),), -1, dtype=torch.int64, device=anchors.device))
+            else:
+                matched.append(self.model.proposal_matcher(box_iou(target["boxes"], anchors)))
+        clean = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        outputs = {"bbox_regression": raw[0], "cls_logits": raw[1]}
+        losses = self.model.compute_loss(clean, outputs, [anchors] * len(targets), matched)
+        loss = sum(losses.values())
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(targets))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    #: images of the current predict that ``head_predict`` numbered (their COCO image ids)
+    _head_predicted = 0
+
+    def on_predict_epoch_start(self) -> None:
+        super().on_predict_epoch_start()
+        self._head_predicted = 0
+
+    def head_predict(self, batch: dict[str, Any], raw: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        """Detections of a folder batch of normalised ``input_size`` images (a multi-task predict), drawn on
+        those images and kept for ``detections.json`` (boxes in ``input_size`` pixels)."""
+        mean, std = self.normalization
+        images = batch["image"]
+        mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]
+        std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device)[:, None, None]
+        start = self._head_predicted
+        infos = [{"path": str(path), "image_id": start + n} for n, path in enumerate(batch["path"])]
+        self._head_predicted = start + len(infos)
+        detections = self._decode(raw)
+        self.write_detections([image * std_t + mean_t for image in images], infos, detections)
+        return detections
 
     def adopt_export(self, path: Path, metadata: ExportMetadata, network: nn.Module) -> None:
         """The export's anchors and classes must be this config's; its categories and post-processing

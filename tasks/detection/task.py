@@ -6,6 +6,7 @@ predictions drawn as PNGs. The detectors themselves are ``ssd.SSDDetection`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from mobilenets.tasks.detection.coco_eval import (
     format_result,
     write_results_json,
 )
+from mobilenets.tasks.distributed import gather_objects
 from mobilenets.tasks.paper import PaperRow, paper_table
+from mobilenets.tasks.prediction_files import merge_json_shards, merge_predict_shards, predict_output_path
 
 
 # --------------------------------------------------------------------------- tasks
@@ -187,7 +190,13 @@ class DetectionTask(BaseTask):
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
             self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
             return loss
-        detections = self.model(images)
+        self.collect_detections(self.model(images), targets, stage)
+        return None
+
+    def collect_detections(
+        self, detections: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, Any]], stage: Stage
+    ) -> None:
+        """Keep an evaluation batch's detections (original-image pixels) for the stage's COCO evaluation."""
         dataset = self._stage_dataset(stage)
         categories = getattr(dataset, "categories", None)
         image_ids = [t["image_id"] for t in targets]
@@ -195,7 +204,6 @@ class DetectionTask(BaseTask):
             self.to_coco_results(detections, image_ids, categories)
         )
         self._eval_image_ids.setdefault(stage, []).extend(image_ids)
-        return None
 
     def _stage_dataset(self, stage: str) -> Any:
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
@@ -220,14 +228,17 @@ class DetectionTask(BaseTask):
             print(format_result(result, row, PAPER_TABLE13.get(self.table13_name())))
 
     def _evaluate_stage(self, stage: str) -> Any:
-        results = self._eval_results.get(stage, [])
-        image_ids = self._eval_image_ids.get(stage, [])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (results, image_ids))
-            results = [r for part in gathered for r in part[0]]
-            image_ids = sorted({i for part in gathered for i in part[1]})
+        # under DDP each process detected its share of the images: every process evaluates all of them
+        gathered = gather_objects((self._eval_results.get(stage, []), self._eval_image_ids.get(stage, [])))
         dataset = self._stage_dataset(stage)
+        # the results in the dataset's image order (stable: an image's detections keep theirs), as one process
+        # lists them
+        position = {image_id: n for n, image_id in enumerate(getattr(dataset, "image_ids", None) or [])}
+        results = sorted(
+            (r for part in gathered for r in part[0]),
+            key=lambda r: position.get(r["image_id"], len(position)),
+        )
+        image_ids = sorted({i for part in gathered for i in part[1]})
         coco = getattr(dataset, "coco", None)
         if coco is None or not image_ids:
             return None
@@ -236,8 +247,9 @@ class DetectionTask(BaseTask):
         for key, value in result.as_dict().items():
             if key in names:
                 self.log(f"{stage}/{names[key]}", value, prog_bar=key in ("AP", "AP50"), sync_dist=False)
-        if self.trainer.log_dir and self.trainer.is_global_zero and stage == "test":
-            write_results_json(results, Path(self.trainer.log_dir) / f"{stage}_detections.json")
+        log_dir = self.trainer.log_dir  # on every process: the log dir is agreed on by a broadcast
+        if log_dir and self.trainer.is_global_zero and stage == "test":
+            write_results_json(results, Path(log_dir) / f"{stage}_detections.json")
         return result
 
     # ---------------------------------------------------------------- predict
@@ -255,10 +267,20 @@ class DetectionTask(BaseTask):
         return self.model(images)
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
-        from PIL import Image, ImageDraw
-
         images, infos = batch
         detections = self.predict_detections(images)
+        self.write_detections(images, infos, detections)
+        return detections
+
+    def write_detections(
+        self,
+        images: Sequence[torch.Tensor],
+        infos: Sequence[dict[str, Any]],
+        detections: Sequence[dict[str, Any]],
+    ) -> None:
+        """Keep a predict batch's detections for ``detections.json`` and draw them on their ([0, 1]) images."""
+        from PIL import Image, ImageDraw
+
         out_dir = self._predict_dir()
         for image, info, det in zip(images, infos, detections):
             self._eval_results["predict"] += [
@@ -278,10 +300,16 @@ class DetectionTask(BaseTask):
                 draw.text((box[0] + 2, max(box[1] - 11, 0)), text, fill=(255, 255, 0))
             with atomic_path(out_dir / f"{Path(info['path']).stem}_detections.png", ".png") as temp:
                 canvas.save(temp, format="PNG")
-        return detections
 
     def on_predict_epoch_end(self) -> None:
-        path = write_results_json(
-            self._eval_results.get("predict", []), self._predict_dir() / "detections.json"
+        output = self._predict_dir() / "detections.json"
+        shard = write_results_json(
+            self._eval_results.get("predict", []), predict_output_path(self.trainer, output, output.name)
+        )
+        # DDP: one file from the processes' shards, in the folder's image order (image_id is the position)
+        path = merge_predict_shards(
+            self.trainer,
+            shard,
+            lambda shards, out: merge_json_shards(shards, out, order=itemgetter("image_id")),
         )
         print(f"wrote detections of the predict folder to {path} (drawn images beside it)")

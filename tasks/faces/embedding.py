@@ -4,7 +4,9 @@ or by FaceNet's triplet loss with online semi-hard mining, evaluated on LFW-styl
 
 ``predict`` embeds a folder of images (``FaceDataModule(predict_dir=...)``) and writes ``embeddings.csv``
 (``path, e0, ..., e{D-1}``: the columns of ``mobilenets onnx-predict``) and ``embeddings.npy`` (float32,
-rows in the CSV's order)."""
+rows in the CSV's order), and beside them an embedding shard per process (``tasks/faces/shards.py``:
+``embeddings.shard-<rank>-of-<world size>.{npy,csv,json}``) that ``mobilenets faces index build|add
+--embeddings <folder>`` reads without running the model."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilenets.datasets.atomic import atomic_path, write_csv_atomic, write_json_atomic
-from mobilenets.tasks.base import BaseTask, Stage
+from mobilenets.tasks.base import BaseTask, Stage, TaskHead
 from mobilenets.tasks.deploy.metadata import ExportMetadata
 from mobilenets.tasks.deploy.onnx_network import ExportMismatchError
+from mobilenets.tasks.distributed import gather_objects
+from mobilenets.tasks.faces.shards import model_fingerprint, shard_stem, write_shard
 from mobilenets.tasks.faces.verification import VerificationReport, evaluate_pairs, plot_roc
 from mobilenets.tasks.paper import TABLE14, PaperRow, mobilenet_row
 from mobilenets.tasks.prediction_files import embedding_rows, predict_output_path
@@ -235,8 +239,18 @@ class FaceEmbedder(BaseTask):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor | None:
-        images = batch["image"]
-        embeddings = self(images)
+        return self.head_step(batch, self(batch["image"]), stage)
+
+    def task_head(self) -> TaskHead:
+        backbone = self.backbone
+        last = backbone.feature_info[-1].name
+
+        def forward(maps: Any) -> torch.Tensor:
+            return F.normalize(self.embedding(backbone.forward_head(maps[last], pre_logits=True)), dim=1)
+
+        return TaskHead(module=self.embedding, taps=(last,), forward=forward, output_names=("embedding",))
+
+    def head_step(self, batch: dict[str, Any], embeddings: torch.Tensor, stage: Stage) -> torch.Tensor | None:
         if stage == "train":
             if self.hparams.loss == "distill":
                 if self._teacher_targets is None:
@@ -246,9 +260,11 @@ class FaceEmbedder(BaseTask):
             else:
                 loss, active = triplet_loss(embeddings, batch["label"], self.hparams.margin)
                 self.log(
-                    "train/active_triplets", active, on_step=False, on_epoch=True, batch_size=len(images)
+                    "train/active_triplets", active, on_step=False, on_epoch=True, batch_size=len(embeddings)
                 )
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+            self.log(
+                "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(embeddings)
+            )
             return loss
         if self._eval_embeddings is not None:
             self._eval_embeddings[batch["index"].cpu()] = embeddings.detach().float().cpu()
@@ -292,6 +308,11 @@ class FaceEmbedder(BaseTask):
         embeddings, self._eval_embeddings = self._eval_embeddings, None
         if dataset is None or embeddings is None:
             return
+        if self.trainer.world_size > 1:  # each process embedded its share of the images: score every pair
+            mine = (~torch.isnan(embeddings).any(1)).nonzero()[:, 0]
+            shares = gather_objects((mine, embeddings[mine]))
+            for rows, values in shares:
+                embeddings[rows] = values
         if torch.isnan(embeddings).any():
             log.warning(
                 "%s pairs: only part of the pair images was embedded (limit_%s_batches?); not evaluated",
@@ -312,7 +333,9 @@ class FaceEmbedder(BaseTask):
         if stage == "val" or torch.isnan(self.threshold):
             self.threshold.fill_(report.threshold)
         if stage == "test":
-            self._write_test_outputs(report, scores, same)
+            out = self._output_dir()  # on every process: the log dir is agreed on by a broadcast
+            if self.trainer.is_global_zero:
+                self._write_test_outputs(report, scores, same, out)
 
     def _output_dir(self) -> Path:
         if self.hparams.get("plot_dir"):
@@ -320,8 +343,9 @@ class FaceEmbedder(BaseTask):
         log_dir = self.trainer.log_dir if self.trainer.logger else None
         return Path(log_dir or self.trainer.default_root_dir)
 
-    def _write_test_outputs(self, report: VerificationReport, scores: np.ndarray, same: np.ndarray) -> None:
-        out = self._output_dir()
+    def _write_test_outputs(
+        self, report: VerificationReport, scores: np.ndarray, same: np.ndarray, out: Path
+    ) -> None:
         roc = plot_roc(out / "faces_roc.png", scores, same, title=f"{self.model_name()} ROC")
         summary = {**report.as_dict(), "num_pairs": report.num_pairs, "num_folds": report.num_folds}
         write_json_atomic(out / "faces_report.json", summary, indent=2)
@@ -333,7 +357,9 @@ class FaceEmbedder(BaseTask):
         self._predict_paths, self._predict_embeddings = [], []
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        embeddings = self.predict_network(batch["image"])
+        return self.head_predict(batch, self.predict_network(batch["image"]))
+
+    def head_predict(self, batch: dict[str, Any], embeddings: torch.Tensor) -> dict[str, Any]:
         self._predict_paths += [str(p) for p in batch["path"]]
         self._predict_embeddings.append(embeddings.detach().float().cpu())
         return {"path": list(batch["path"]), "embedding": embeddings}
@@ -349,8 +375,42 @@ class FaceEmbedder(BaseTask):
         with atomic_path(npy_path, ".npy") as temp, temp.open("wb") as stream:
             np.save(stream, embeddings.astype(np.float32, copy=False))
         self.last_embeddings_paths = (csv_path, npy_path)
+        shard = self._write_embedding_shard(npy_path, embeddings)
         self._predict_paths, self._predict_embeddings = [], []
-        print(f"wrote {size}-d embeddings of {len(embeddings)} images to {csv_path} and {npy_path}")
+        print(f"wrote {size}-d embeddings of {len(embeddings)} images to {csv_path}, {npy_path} and {shard}")
+
+    def _write_embedding_shard(self, npy_path: Path, embeddings: np.ndarray) -> Path:
+        """This process's embedding shard beside ``npy_path`` (``<stem>.shard-<rank>-of-<world size>``; its
+        array a hard link to ``npy_path``): what ``faces index build|add --embeddings`` reads. Paths are
+        absolute and the identity is each image's folder name (``<identity>/<image>``)."""
+        trainer = self.trainer
+        prefix = Path(self.hparams.get("embeddings_file") or "embeddings.csv").stem
+        paths = [str(Path(p).resolve()) for p in self._predict_paths]
+        return write_shard(
+            npy_path.parent,
+            shard_stem(prefix, trainer.global_rank, trainer.world_size),
+            embeddings,
+            paths,
+            [Path(p).parent.name for p in paths],
+            self.embedding_model_info(),
+            embeddings_file=npy_path,
+        )
+
+    def embedding_model_info(self) -> dict[str, Any]:
+        """What an embedding shard records of the model that made it: its ``model_fingerprint`` (weights and
+        preprocessing, or the served ONNX file), the file it came from, its settings and threshold."""
+        exported = self.exported_network
+        source = getattr(exported, "path", None) or getattr(self.trainer, "ckpt_path", None)
+        threshold = float(self.threshold)
+        return {
+            "path": str(Path(source).resolve()) if source else None,
+            "fingerprint": model_fingerprint(self),
+            "task": type(self).__name__,
+            "embedding_size": self.embedding_size,
+            "input_size": int(self.hparams.input_size),
+            "width_mult": float(self.hparams.width_mult),
+            "threshold": threshold if threshold == threshold else None,  # NaN: not calibrated
+        }
 
     def model_name(self) -> str:
         return f"{self.hparams.width_mult:g} MobileNet-{self.hparams.input_size}"

@@ -13,6 +13,13 @@ Similarity is the inner product of L2-normalised embeddings (cosine); every fais
 ``METRIC_INNER_PRODUCT``. Index types: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivf-rerank`` (IVF lists of
 4-bit PQ fast-scan codes pick candidates, exact inner products re-rank them), ``hnsw`` (graph) and ``ivfpq``
 (IVF with product quantisation, for very large galleries).
+
+Built from images by the model (``create``), or from embedding shards without it (``create_from_shards``,
+``add_shards``: ``tasks/faces/shards.py``): the IVF / PQ training reads a sample of the shards, then they
+stream in, so memory holds the sample and the index, never all the embeddings at once. ``meta.json``'s
+``model`` records the model's ``fingerprint`` (its weights and preprocessing), and shards of another model
+are refused. Indexes built alike on disjoint images (``create_from_shards(like=...)``: one training, reused)
+merge into one (``merge``) whose search results are those of one index built on everything.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from mobilenets.datasets.atomic import atomic_path, temporary_pattern
 from mobilenets.datasets.images import CorruptImageError, load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
 from mobilenets.tasks.base import BaseTask, CheckpointError
+from mobilenets.tasks.faces.shards import ShardSet, model_fingerprint
 from mobilenets.tasks.teacher import file_sha256
 
 log = logging.getLogger(__name__)
@@ -220,6 +228,30 @@ def apply_search_params(index: faiss.Index | RerankedIVFIndex, kind: str, params
         faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = int(params["efSearch"])
 
 
+def training_sample_size(kind: str, params: dict[str, int]) -> int:
+    """Vectors the IVF / PQ training uses at most: 256 per list (faiss' own cap for the coarse k-means: 64 per
+    list cost ~5 points of recall@1 at 1 M faces), and for IVF-PQ at least 256 per PQ centroid."""
+    nlist = int(params.get("nlist", 1))
+    return max(256 * nlist, 256 * (1 << int(params.get("nbits", 0))) if kind == "ivfpq" else 0)
+
+
+def training_rows(num_vectors: int, sample_size: int, seed: int = 0) -> np.ndarray | None:
+    """The sorted rows of a seeded training sample of ``sample_size`` out of ``num_vectors`` (None: all);
+    the same rows whether the vectors are one array or streamed from shards."""
+    if num_vectors <= sample_size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(num_vectors, size=sample_size, replace=False))
+
+
+def check_training_size(kind: str, params: dict[str, int], num_vectors: int) -> None:
+    nlist = int(params.get("nlist", 1))
+    needed = max(nlist, FAST_SCAN_CENTROIDS) if kind == RERANK_KIND else nlist
+    if num_vectors < needed:
+        raise FaceIndexError(
+            f"an {kind} index with nlist={nlist} needs at least {needed} vectors to train, got {num_vectors}"
+        )
+
+
 def train_index(
     index: faiss.Index | RerankedIVFIndex,
     vectors: np.ndarray,
@@ -227,21 +259,43 @@ def train_index(
     params: dict[str, int],
     seed: int = 0,
 ) -> None:
-    """Train IVF / PQ indexes on a seeded sample of up to 256 vectors per list (faiss' own cap for the
-    coarse k-means: 64 per list cost ~5 points of recall@1 at 1 M faces)."""
+    """Train IVF / PQ indexes on a seeded sample of ``training_sample_size`` vectors."""
     if index.is_trained:
         return
-    nlist = int(params.get("nlist", 1))
-    needed = max(nlist, FAST_SCAN_CENTROIDS) if kind == RERANK_KIND else nlist
-    if len(vectors) < needed:
-        raise FaceIndexError(
-            f"an {kind} index with nlist={nlist} needs at least {needed} vectors to train, got {len(vectors)}"
-        )
-    sample_size = max(256 * nlist, 256 * (1 << int(params.get("nbits", 0))) if kind == "ivfpq" else 0)
-    if len(vectors) > sample_size:
-        rows = np.random.default_rng(seed).choice(len(vectors), size=sample_size, replace=False)
-        vectors = vectors[np.sort(rows)]
+    check_training_size(kind, params, len(vectors))
+    rows = training_rows(len(vectors), training_sample_size(kind, params), seed)
+    if rows is not None:
+        vectors = vectors[rows]
     index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def train_from_shards(
+    index: faiss.Index | RerankedIVFIndex, shards: ShardSet, kind: str, params: dict[str, int], seed: int = 0
+) -> None:
+    """``train_index`` on the rows of ``shards`` that it would sample from them as one array, read from
+    the files (memory: the sample, at most ``training_sample_size`` vectors, whatever the shards hold)."""
+    if index.is_trained:
+        return
+    check_training_size(kind, params, shards.count)
+    rows = training_rows(shards.count, training_sample_size(kind, params), seed)
+    sample = normalize_rows(shards.rows(np.arange(shards.count) if rows is None else rows))
+    index.train(sample)
+
+
+def trained_empty_copy(index: faiss.Index | RerankedIVFIndex, kind: str) -> faiss.Index | RerankedIVFIndex:
+    """A copy of ``index`` with its training (coarse quantizer, PQ codebooks) and no vectors: parts built
+    from it on other data can be merged (``FaceIndex.merge``)."""
+    if kind == "hnsw":
+        raise FaceIndexError(
+            "an HNSW index cannot be emptied or merged (faiss graphs); use flat, ivf, ivf-rerank or ivfpq"
+        )
+    if isinstance(index, RerankedIVFIndex):
+        codes = faiss.clone_index(index.codes)
+        codes.reset()
+        return RerankedIVFIndex(codes, faiss.IndexIDMap2(faiss.IndexFlatIP(index.d)), index.k_factor)
+    copy = faiss.clone_index(index)
+    copy.reset()
+    return copy
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -279,11 +333,17 @@ class ImageEmbedder:
             )
         return cls(model, path.resolve(), file_sha256(path))
 
+    @property
+    def fingerprint(self) -> str:
+        """The model's ``model_fingerprint``: what embedding shards record of the model that made them."""
+        return model_fingerprint(self.model)
+
     def model_info(self) -> dict[str, Any]:
         hp = self.model.hparams
         return {
             "path": str(self.path),
             "sha256": self.checksum,
+            "fingerprint": self.fingerprint,
             "embedding_size": self.embedding_size,
             "input_size": self.input_size,
             "width_mult": float(hp.width_mult),
@@ -393,12 +453,7 @@ class FaceIndex:
         """Build an index over ``embeddings`` (rows L2-normalised here) and save it to ``directory``; an
         index already there (perhaps of another model) is replaced only with ``overwrite``."""
         directory = Path(directory)
-        existing = directory / METADATA_FILE
-        if existing.exists() and not overwrite:
-            raise FaceIndexError(
-                f"{directory}: already holds a face index ({existing}); choose another folder or pass "
-                "--overwrite to replace it"
-            )
+        _refuse_existing(directory, overwrite)
         if len(embeddings) == 0:
             raise FaceIndexError(f"{directory}: cannot build an index from an empty gallery")
         embeddings = normalize_rows(embeddings)
@@ -407,38 +462,135 @@ class FaceIndex:
             raise FaceIndexError(
                 f"{model_info.get('path')}: model embedding size differs from the embeddings' {dim}"
             )
-        chosen = kind or default_index_kind(len(embeddings))
-        if chosen not in INDEX_KINDS:
-            raise FaceIndexError(f"unknown index type {chosen!r}; choose one of {INDEX_KINDS}")
-        merged = {**default_index_params(chosen, len(embeddings), dim), **(params or {})}  # type: ignore[arg-type]
-        if "nprobe" in merged:
-            merged["nprobe"] = max(1, min(int(merged["nprobe"]), int(merged["nlist"])))
-        if threshold is None or not math.isfinite(threshold):
-            threshold, threshold_source = FALLBACK_THRESHOLD, "fallback (no validated threshold available)"
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "index_type": chosen,
-            "index_params": merged,
-            "index_choice": "requested" if kind else f"default for {len(embeddings)} faces",
-            "metric": "inner_product",
-            "embedding_size": dim,
-            "model": model_info,
-            "threshold": float(threshold),
-            "threshold_source": threshold_source,
-            "created": now,
-            "updated": now,
-            "next_id": 0,
-            "entries": {},
-            "index_file": None,
-            "vectors_file": None,
-        }
-        index = make_faiss_index(chosen, dim, merged)  # type: ignore[arg-type]
+        metadata = _new_metadata(len(embeddings), dim, model_info, kind, params, threshold, threshold_source)
+        chosen, merged = metadata["index_type"], metadata["index_params"]
+        index = make_faiss_index(chosen, dim, merged)
         train_index(index, embeddings, chosen, merged)
         face_index = cls(directory, index, metadata)
         face_index.add(embeddings, paths, identities)
         face_index.save()
         return face_index
+
+    @classmethod
+    def create_from_shards(
+        cls,
+        directory: str | Path,
+        shards: ShardSet,
+        kind: IndexKind | None = None,
+        params: dict[str, int] | None = None,
+        threshold: float | None = None,
+        threshold_source: str = "user",
+        overwrite: bool = False,
+        like: FaceIndex | None = None,
+        seed: int = 0,
+    ) -> FaceIndex:
+        """Build an index from embedding shards without the model, in bounded memory: the IVF / PQ training
+        reads a sample (``training_rows``: the rows ``create`` would sample from the same vectors in one
+        array), then the shards stream in. With ``like``, an index of the same model, its type, parameters,
+        threshold and training are reused instead (parts that ``merge`` can join)."""
+        directory = Path(directory)
+        _refuse_existing(directory, overwrite)
+        if like is not None:
+            like.check_shards(shards)
+            metadata = {
+                **_new_metadata(
+                    shards.count, shards.dim, shards.model, like.kind, like.params, like.threshold, ""
+                ),
+                "threshold_source": like.metadata.get("threshold_source", "?"),
+                "index_choice": f"trained like {like.directory}",
+            }
+            index = trained_empty_copy(like.index, like.kind)
+        else:
+            recorded = shards.model.get("threshold")
+            if threshold is None and recorded is not None and math.isfinite(float(recorded)):
+                threshold = float(recorded)
+                threshold_source = "validation pairs of the model's training (recorded in the shards)"
+            metadata = _new_metadata(
+                shards.count, shards.dim, shards.model, kind, params, threshold, threshold_source
+            )
+            chosen, merged = metadata["index_type"], metadata["index_params"]
+            index = make_faiss_index(chosen, shards.dim, merged)
+            train_from_shards(index, shards, chosen, merged, seed)
+        face_index = cls(directory, index, metadata)
+        face_index.add_shards(shards)
+        face_index.save()
+        return face_index
+
+    @classmethod
+    def merge(
+        cls, first: FaceIndex, second: FaceIndex, directory: str | Path, overwrite: bool = False
+    ) -> FaceIndex:
+        """Join two indexes of disjoint images, trained alike (``create_from_shards(like=...)``), into a new
+        one saved to ``directory``: ``first``'s ids stay, ``second``'s move past them. Search results equal
+        those of one index built on both parts' embeddings with the same training. ``first`` is consumed
+        (its in-memory index becomes the merged one); neither directory changes."""
+        directory = Path(directory)
+        for part in (first, second):
+            if directory.resolve() == part.directory.resolve():
+                raise FaceIndexError(
+                    f"{directory}: the merged index must go to a new folder, not one of its parts"
+                )
+        _refuse_existing(directory, overwrite)
+        if first.kind == "hnsw" or second.kind == "hnsw":
+            raise FaceIndexError(
+                f"{first.directory if first.kind == 'hnsw' else second.directory}: HNSW indexes cannot be merged"
+            )
+        structure = ("nlist", "m", "nbits")
+        if (first.kind, first.dim, {k: first.params.get(k) for k in structure}) != (
+            second.kind,
+            second.dim,
+            {k: second.params.get(k) for k in structure},
+        ):
+            raise FaceIndexError(
+                f"{second.directory}: a {second.dim}-d {second.kind} index {second.params}, "
+                f"{first.directory} is a {first.dim}-d {first.kind} index {first.params}; only indexes of one "
+                "type and parameters can be merged"
+            )
+        first_model, second_model = first.metadata["model"], second.metadata["model"]
+        key = (
+            "fingerprint" if first_model.get("fingerprint") and second_model.get("fingerprint") else "sha256"
+        )
+        if first_model.get(key) != second_model.get(key):
+            raise FaceIndexError(
+                f"{second.directory}: built by another model than {first.directory} ({key} differs)"
+            )
+        if faiss.serialize_index(_faiss_part(trained_empty_copy(first.index, first.kind))).tobytes() != (
+            faiss.serialize_index(_faiss_part(trained_empty_copy(second.index, second.kind))).tobytes()
+        ):
+            raise FaceIndexError(
+                f"{second.directory}: trained apart from {first.directory} (other IVF centroids or PQ "
+                f"codebooks); build the parts with --like {first.directory}"
+            )
+        by_path = {entry["path"]: face_id for face_id, entry in first.entries.items()}
+        for face_id, entry in second.entries.items():
+            if entry["path"] in by_path:
+                raise FaceIndexError(
+                    f"{entry['path']}: in both indexes, {first.directory} (id {by_path[entry['path']]}) and "
+                    f"{second.directory} (id {face_id})"
+                )
+        offset = int(first.metadata["next_id"])
+        if isinstance(first.index, RerankedIVFIndex) and isinstance(second.index, RerankedIVFIndex):
+            first.index.codes.merge_from(second.index.codes, offset)
+            first.index.vectors.merge_from(second.index.vectors, offset)
+        else:
+            first.index.merge_from(second.index, offset)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        metadata = {
+            **first.metadata,
+            "entries": {
+                **first.entries,
+                **{str(int(face_id) + offset): entry for face_id, entry in second.entries.items()},
+            },
+            "next_id": offset + int(second.metadata["next_id"]),
+            "merged_from": [str(first.directory.resolve()), str(second.directory.resolve())],
+            "created": now,
+            "updated": now,
+            "index_file": None,
+            "vectors_file": None,
+        }
+        merged = cls(directory, first.index, metadata)
+        merged.save()
+        return merged
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -495,13 +647,21 @@ class FaceIndex:
         if not ckpt_path.is_file():
             raise FaceIndexError(f"{ckpt_path}: model checkpoint not found (index {self.directory})")
         expected = self.metadata["model"].get("sha256")
+        expected_fingerprint = self.metadata["model"].get("fingerprint")
         checksum = file_sha256(ckpt_path)
+        # the same file, or (an index of embedding shards records no file) the same weights
         if expected and checksum != expected:
             raise FaceIndexError(
                 f"{ckpt_path}: this index ({self.directory}) was built by another model "
                 f"(sha256 {expected[:12]}…, this file {checksum[:12]}…); rebuild the index or pass its model"
             )
         embedder = ImageEmbedder.load(ckpt_path)
+        if not expected and expected_fingerprint and embedder.fingerprint != expected_fingerprint:
+            raise FaceIndexError(
+                f"{ckpt_path}: this index ({self.directory}) holds embeddings of another model (fingerprint "
+                f"{expected_fingerprint[:12]}…, this model {embedder.fingerprint[:12]}…); pass the model that "
+                "made its embedding shards"
+            )
         if embedder.embedding_size != self.dim:
             raise FaceIndexError(
                 f"{ckpt_path}: model gives {embedder.embedding_size}-d embeddings, index {self.directory} holds {self.dim}-d"
@@ -512,7 +672,13 @@ class FaceIndex:
     @property
     def embedder(self) -> ImageEmbedder:
         if self._embedder is None:
-            self.use_model(self.metadata["model"]["path"])
+            path = self.metadata["model"].get("path")
+            if not path:
+                raise FaceIndexError(
+                    f"{self.directory}: this index was built from embedding shards of a model without a "
+                    "checkpoint file; pass the model (--ckpt_path) to embed images"
+                )
+            self.use_model(path)
         assert self._embedder is not None
         return self._embedder
 
@@ -572,6 +738,67 @@ class FaceIndex:
         for face_id, path, identity in zip(ids, resolved, identities):
             self.entries[str(face_id)] = {"path": path, "identity": str(identity)}
         return ids
+
+    def check_shards(self, shards: ShardSet) -> None:
+        """Embedding shards must come from the model this index was built with (its fingerprint) and have
+        its embedding size; the error names the first shard."""
+        shard = shards.shards[0].header_path
+        if shards.dim != self.dim:
+            raise FaceIndexError(
+                f"{shard}: {shards.dim}-d embeddings, the index {self.directory} holds {self.dim}-d"
+            )
+        expected = self.metadata["model"].get("fingerprint")
+        if not expected:
+            raise FaceIndexError(
+                f"{self.directory}: the index records no model fingerprint (built before embedding shards "
+                "existed), so shards cannot be checked against its model; rebuild the index"
+            )
+        found = shards.model["fingerprint"]
+        if found != expected:
+            raise FaceIndexError(
+                f"{shard}: embeddings of another model than the index {self.directory} was built with "
+                f"(fingerprint {found[:12]}…, the index's {expected[:12]}…)"
+            )
+
+    def add_shards(self, shards: ShardSet, replace: bool = False) -> list[int]:
+        """``add`` for embedding shards, streamed in (never all in memory); the shards' paths are kept as
+        written (absolute). On an error (a shard changed since its header) the faces added so far are
+        taken out again. Call ``save()`` to persist."""
+        self.check_shards(shards)
+        by_path = {entry["path"]: int(face_id) for face_id, entry in self.entries.items()}
+        paths = shards.paths
+        existing = [(row, by_path[path]) for row, path in enumerate(paths) if path in by_path]
+        if existing and not replace:
+            row, face_id = existing[0]
+            shard = shards.shards[int(np.searchsorted(shards.starts, row, side="right")) - 1]
+            raise FaceIndexError(
+                f"{paths[row]}: in {shard.header_path} and already in the index {self.directory} (id {face_id}); "
+                f"{len(existing)} such image(s); use replace (--replace) to update them"
+            )
+        if existing:
+            self._remove_ids([face_id for _, face_id in existing], "replace")
+        kept = dict(existing)
+        next_id = int(self.metadata["next_id"])
+        ids = np.empty(len(paths), dtype=np.int64)
+        for row in range(len(paths)):
+            if row in kept:
+                ids[row] = kept[row]
+            else:
+                ids[row] = next_id
+                next_id += 1
+        done = 0
+        try:
+            for chunk in shards.iter_rows():
+                self.index.add_with_ids(normalize_rows(chunk), ids[done : done + len(chunk)])
+                done += len(chunk)
+        except BaseException:
+            if done:
+                self.index.remove_ids(ids[:done])
+            raise
+        self.metadata["next_id"] = next_id
+        for face_id, path, identity in zip(ids.tolist(), paths, shards.identities):
+            self.entries[str(face_id)] = {"path": path, "identity": identity}
+        return ids.tolist()
 
     def _remove_ids(self, ids: Sequence[int], action: str) -> int:
         if self.kind == "hnsw":
@@ -720,6 +947,58 @@ class FaceIndex:
             f"{self.directory}: {len(self)} faces, {self.kind} ({params}), {self.dim}-d inner product, "
             f"threshold {self.threshold:.3f} ({self.metadata.get('threshold_source', '?')})"
         )
+
+
+def _refuse_existing(directory: Path, overwrite: bool) -> None:
+    existing = directory / METADATA_FILE
+    if existing.exists() and not overwrite:
+        raise FaceIndexError(
+            f"{directory}: already holds a face index ({existing}); choose another folder or pass "
+            "--overwrite to replace it"
+        )
+
+
+def _new_metadata(
+    num_vectors: int,
+    dim: int,
+    model_info: dict[str, Any],
+    kind: str | None,
+    params: dict[str, int] | None,
+    threshold: float | None,
+    threshold_source: str,
+) -> dict[str, Any]:
+    """``meta.json`` of a new, empty index: the chosen type and parameters for ``num_vectors`` faces."""
+    chosen = kind or default_index_kind(num_vectors)
+    if chosen not in INDEX_KINDS:
+        raise FaceIndexError(f"unknown index type {chosen!r}; choose one of {INDEX_KINDS}")
+    merged = {**default_index_params(chosen, num_vectors, dim), **(params or {})}  # type: ignore[arg-type]
+    if "nprobe" in merged:
+        merged["nprobe"] = max(1, min(int(merged["nprobe"]), int(merged["nlist"])))
+    if threshold is None or not math.isfinite(threshold):
+        threshold, threshold_source = FALLBACK_THRESHOLD, "fallback (no validated threshold available)"
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {
+        "format_version": FORMAT_VERSION,
+        "index_type": chosen,
+        "index_params": merged,
+        "index_choice": "requested" if kind else f"default for {num_vectors} faces",
+        "metric": "inner_product",
+        "embedding_size": dim,
+        "model": model_info,
+        "threshold": float(threshold),
+        "threshold_source": threshold_source,
+        "created": now,
+        "updated": now,
+        "next_id": 0,
+        "entries": {},
+        "index_file": None,
+        "vectors_file": None,
+    }
+
+
+def _faiss_part(index: faiss.Index | RerankedIVFIndex) -> faiss.Index:
+    """The faiss index that holds the training (for a re-ranked index, its codes)."""
+    return index.codes if isinstance(index, RerankedIVFIndex) else index
 
 
 def _read_faiss_file(directory: Path, metadata: dict[str, Any], key: str) -> faiss.Index:

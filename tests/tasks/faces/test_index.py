@@ -20,11 +20,13 @@ from mobilenets.tasks.faces.embedding import FaceEmbedder
 from mobilenets.tasks.faces.index import (
     FaceIndex,
     FaceIndexError,
+    ImageEmbedder,
     RerankedIVFIndex,
     default_index_kind,
     default_index_params,
     train_index,
 )
+from mobilenets.tasks.faces.shards import ShardSet, shard_stem, write_shard
 
 DIM = 16
 
@@ -564,3 +566,30 @@ def test_cli_build_refuses_an_existing_index_and_a_nan_threshold(
         assert (
             "argument --threshold: expected a finite cosine similarity, got 'nan'" in capsys.readouterr().err
         )
+
+
+def test_an_index_without_a_model_fingerprint_refuses_embedding_shards(tmp_path: Path) -> None:
+    vectors, paths, identities = clustered(4, 5)
+    index = FaceIndex.create(tmp_path / "idx", vectors, paths, identities, MODEL, kind="flat")
+    write_shard(
+        tmp_path / "shards",
+        shard_stem("e", 0, 1),
+        vectors[:2],
+        ["/new/a.jpg", "/new/b.jpg"],
+        ["x", "x"],
+        {"fingerprint": "f"},
+    )
+    with pytest.raises(FaceIndexError, match=r"idx: the index records no model fingerprint"):
+        index.add_shards(ShardSet.open(tmp_path / "shards"))
+    assert len(index) == 20
+
+
+def test_an_index_built_from_images_records_the_fingerprint_of_its_model(
+    gallery: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "index"
+    argv = ["index", "build", "--gallery", str(gallery / "faces"), "--ckpt_path", str(gallery / "model.ckpt")]
+    assert faces_main([*argv, "--out", str(out)]) == 0
+    model = FaceIndex.open(out).metadata["model"]
+    assert model["fingerprint"] == ImageEmbedder.load(gallery / "model.ckpt").fingerprint
+    assert model["fingerprint"] != ImageEmbedder.load(gallery / "other.ckpt").fingerprint
