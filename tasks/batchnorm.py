@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import move_data_to_device
+from pytorch_lightning.utilities import CombinedLoader, move_data_to_device
 from torch import nn
 
 from mobilenets.backbone.inference import (
@@ -56,6 +56,8 @@ def training_inputs(task: BaseTask, count: int) -> list[Any]:
     loader = task.trainer.train_dataloader
     if loader is None or count <= 0:
         return []
+    if isinstance(loader, dict):  # a combined loader's loaders (a multi-task fit): their batches together
+        loader = CombinedLoader(loader, mode="max_size_cycle")
     inputs = []
     for batch in loader:
         inputs.append(task.batch_inputs(move_data_to_device(batch, task.device)))

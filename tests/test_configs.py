@@ -92,48 +92,75 @@ def generated(
     return GeneratedData(tmp_path_factory.mktemp("generated"), save_checkpoint)
 
 
-def overrides_for(config: dict[str, Any], generated: GeneratedData) -> dict[str, Any]:
-    """The options that point a config at generated data in its format and keep it small."""
-    model_class, model = config["model"]["class_path"], config["model"]["init_args"]
-    data_class, data = config["data"]["class_path"], config["data"]["init_args"]
-    small = 64 if model_class in DETECTORS else 32
-    options: dict[str, Any] = {"model.init_args.weights": None, "model.init_args.input_size": small}
-    options |= {"data.init_args.batch_size": 2, "data.init_args.num_workers": 0}
+def format_options(
+    model_class: str, model: dict[str, Any], data_class: str, data: dict[str, Any], generated: GeneratedData
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model options, data options) that point a task's model and datamodule at generated data in its
+    format, keyed by ``init_args`` name."""
+    model_options: dict[str, Any] = {}
+    options: dict[str, Any] = {"batch_size": 2, "num_workers": 0}
     if data_class.endswith("StanfordDogsDataModule"):
-        options["data.init_args.root"] = generated.get("dogs")
-        options["model.init_args.num_classes"] = None  # the generated breeds, not the 120 of the real set
+        options["root"] = generated.get("dogs")
+        model_options["num_classes"] = None  # the generated breeds, not the 120 of the real set
     elif data_class.endswith("FolderDataModule"):
-        options["data.init_args.root"] = generated.get("folder")
+        options["root"] = generated.get("folder")
+        if model_class.endswith("ImageClassifier"):
+            model_options["num_classes"] = None
     elif data_class.endswith("CelebADataModule"):
         root = generated.get("celeba")
-        options["data.init_args.root"] = root
+        options["root"] = root
         if (
             "teacher" in model
         ):  # a distillation recipe: with a teacher and unlabeled faces, as its header says
-            options["model.init_args.teacher"] = generated.get("attribute_teacher")
-            options["data.init_args.unlabeled_dirs"] = [str(root / "unlabeled")]
+            model_options["teacher"] = generated.get("attribute_teacher")
+            options["unlabeled_dirs"] = [str(root / "unlabeled")]
     elif data_class.endswith("CocoDataModule"):
-        options["data.init_args.root"] = generated.get("coco")
-        options |= {"data.init_args.train_split": "train", "data.init_args.val_split": "val"}
+        options["root"] = generated.get("coco")
+        options |= {"train_split": "train", "val_split": "val"}
     elif data_class.endswith("FaceDataModule"):
         root = generated.get("faces")
-        options["data.init_args.train_dir"] = root / "train"
-        options["data.init_args.pairs_file"] = root / "lfw" / "pairs.txt"
-        options["data.init_args.pairs_dir"] = root / "lfw"
+        options |= {
+            "train_dir": root / "train",
+            "pairs_file": root / "lfw" / "pairs.txt",
+            "pairs_dir": root / "lfw",
+        }
         if data.get("sampler") == "pk":
-            options |= {"data.init_args.identities_per_batch": 2, "data.init_args.images_per_identity": 2}
+            options |= {"identities_per_batch": 2, "images_per_identity": 2}
         if model.get("loss") == "distill":
-            options["model.init_args.teacher"] = generated.get("face_teacher")
+            model_options["teacher"] = generated.get("face_teacher")
     elif data_class.endswith("GeotagDataModule"):
         tags, partition = generated.get("geotags")
-        options["model.init_args.partition"] = partition
-        options |= {
-            f"data.init_args.{split}_csv": getattr(tags, f"{split}_csv") for split in ("train", "val")
-        }
-        options |= {"data.init_args.test_csv": tags.test_csv, "data.init_args.partition": partition}
-        options["data.init_args.image_root"] = tags.image_root
+        model_options["partition"] = partition
+        options |= {f"{split}_csv": getattr(tags, f"{split}_csv") for split in ("train", "val", "test")}
+        options |= {"partition": partition, "image_root": tags.image_root}
     else:
         pytest.fail(f"{data_class}: no generated data for this format yet: add it to tests/test_configs.py")
+    return model_options, options
+
+
+def overrides_for(config: dict[str, Any], generated: GeneratedData) -> dict[str, Any]:
+    """The options that point a config at generated data in its format and keep it small. A multi-task
+    config's tasks and datamodules are nested mappings: their options are written into ``config`` itself."""
+    model_class, model = config["model"]["class_path"], config["model"]["init_args"]
+    data_class, data = config["data"]["class_path"], config["data"]["init_args"]
+    options: dict[str, Any] = {"model.init_args.weights": None}
+    options |= {"data.init_args.batch_size": 2, "data.init_args.num_workers": 0}
+    if data_class.endswith("MultiDataModule"):
+        detector = False
+        for name, spec in data["datamodules"].items():
+            task = model["tasks"][name]
+            detector |= task["class_path"] in DETECTORS
+            model_options, data_options = format_options(
+                task["class_path"], task["init_args"], spec["class_path"], spec["init_args"], generated
+            )
+            task["init_args"] |= {k: str(v) if isinstance(v, Path) else v for k, v in model_options.items()}
+            spec["init_args"] |= {k: str(v) if isinstance(v, Path) else v for k, v in data_options.items()}
+        options["model.init_args.input_size"] = 64 if detector else 32
+        return options
+    options["model.init_args.input_size"] = 64 if model_class in DETECTORS else 32
+    model_options, data_options = format_options(model_class, model, data_class, data, generated)
+    options |= {f"model.init_args.{key}": value for key, value in model_options.items()}
+    options |= {f"data.init_args.{key}": value for key, value in data_options.items()}
     return options
 
 
@@ -168,7 +195,10 @@ def test_config_builds_and_trains_one_batch(path: Path, generated: GeneratedData
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
     }
-    argv = ["--config", str(path), *as_arguments(overrides_for(config, generated) | trainer)]
+    options = overrides_for(config, generated)  # may write into config (a multi-task config's nested tasks)
+    written = tmp_path / path.name
+    written.write_text(yaml.safe_dump(config))
+    argv = ["--config", str(written), *as_arguments(options | trainer)]
     cli = lightning_cli(argv, run=False)
 
     model, datamodule = cli.model, cli.datamodule

@@ -17,6 +17,7 @@ from mobilenets.backbone.profile import (
     profile_backbone,
 )
 from mobilenets.tasks.base import BaseTask
+from mobilenets.tasks.multitask import MultiTask
 
 __all__ = ["ConfigError", "instantiate_model_from_config", "main"]
 
@@ -76,11 +77,25 @@ def main(argv: list[str]) -> int:
         print(format_paper_tables())
         return 0
     rows: list[tuple[str, Profile, tuple[float, float] | None]] = []
+    notes: list[str] = []
     if args.config:
         for path in args.config:
             # weights are irrelevant to counting and may not exist on this machine
             model = instantiate_model_from_config(path, {"weights": None})
             rows.append((path.stem, model.profile(), model.paper_figures()))
+            if isinstance(model, MultiTask):
+                rows[-1] = (f"{path.stem} (shared)", rows[-1][1], None)
+                separate = model.separate_profiles()
+                rows += [(f"  {name} alone", profile, None) for name, profile in separate.items()]
+                total = Profile(
+                    sum(p.mult_adds for p in separate.values()), sum(p.parameters for p in separate.values())
+                )
+                rows.append((f"  sum of {len(separate)} separate models", total, None))
+                shared = rows[-len(separate) - 2][1]
+                notes.append(
+                    f"{path.stem}: the shared model costs {shared.mult_adds / total.mult_adds:.2f}x the mult-adds "
+                    f"and {shared.parameters / total.parameters:.2f}x the parameters of {len(separate)} separate models"
+                )
     else:
         if args.width_mult <= 0:
             parser.error(f"--width-mult must be > 0, got {args.width_mult}")
@@ -93,4 +108,6 @@ def main(argv: list[str]) -> int:
         )
         rows.append((name, prof, paper_row_for(args) if args.num_classes == 1000 else None))
     print(format_profile_table(rows))
+    for note in notes:
+        print(note)
     return 0

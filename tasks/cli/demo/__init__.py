@@ -23,6 +23,7 @@ DEMO_STEPS: dict[str, str] = {
     "attributes": "mobilenets.tasks.cli.demo.attributes",
     "geolocation": "mobilenets.tasks.cli.demo.geolocation",
     "faces": "mobilenets.tasks.cli.demo.faces",
+    "multitask": "mobilenets.tasks.cli.demo.multitask",
 }
 
 

@@ -16,6 +16,7 @@ def test_every_task_has_a_demo_step() -> None:
         "attributes",
         "geolocation",
         "faces",
+        "multitask",
     ]
     for module in demo.DEMO_STEPS.values():
         assert callable(__import__(module, fromlist=["run_demo"]).run_demo)
