@@ -577,6 +577,52 @@ def output_layers(path: str | Path) -> list[str]:
     ]
 
 
+def entry_layers(path: str | Path) -> list[str]:
+    """Names of the stem convolution (the first on the image) and, when it is depthwise, the convolution after
+    it: the layers quantisation keeps in float for speed. There ONNX Runtime's int8 kernels are slower than
+    its float ones (3 input channels; a depthwise layer of few channels at the highest resolution): at batch 1,
+    1 thread, keeping both in float took the int8 model from 0.97x to 1.57x LiteRT's speed at 0.25-128, and
+    from 1.94x to 2.22x at 1.0-224 (``benchmarks/deploy.py``, AVX-512 VNNI), for about 3 % of the mult-adds."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def next_conv(tensor: str) -> Any:
+        """The first Conv fed by ``tensor`` through element-wise activations only (None otherwise)."""
+        frontier = [tensor]
+        while frontier:
+            following = [node for name in frontier for node in consumers.get(name, [])]
+            convs = [node for node in following if node.op_type == "Conv"]
+            if convs:
+                return convs[0] if len(following) == 1 else None
+            if len(following) != 1 or following[0].op_type not in ("Clip", "Relu", "Pad"):
+                return None
+            frontier = list(following[0].output)
+        return None
+
+    image = next((i.name for i in graph.input if i.name not in initializers), None)
+    stem = next_conv(image) if image else None
+    if stem is None or not stem.name:
+        return []
+    layers = [stem.name]
+    after = next_conv(stem.output[0])
+    groups = next((a.i for a in after.attribute if a.name == "group"), 1) if after is not None else 1
+    if after is not None and after.name and groups > 1:
+        layers.append(after.name)
+    return layers
+
+
+def float_layers(path: str | Path) -> list[str]:
+    """The layers int8 quantisation keeps in float: ``entry_layers`` (speed) and ``output_layers``
+    (accuracy)."""
+    return [*entry_layers(path), *output_layers(path)]
+
+
 def unquantized_layers(path: str | Path, kept: Sequence[str] = ()) -> list[str]:
     """``name (op)`` of every node of a QDQ model that still reads a float weight (a float initializer of
     two or more dimensions, not through DequantizeLinear): the layers int8 quantisation could not reach,
@@ -616,9 +662,9 @@ def quantize_onnx(
     export when ``float_path`` holds quantisation-aware fine-tuned weights.
 
     ``weight_bits`` is 8 or 7 (default: ``int8_weight_bits()`` of this CPU), recorded in the metadata as
-    ``int8_weight_bits``. The layers that produce the outputs stay in float (``output_layers``, listed in
-    ``int8_float_layers``); any other layer whose weight the quantiser leaves in float (an operator it has
-    no int8 form of) is an error naming the layer.
+    ``int8_weight_bits``. The stem, the first depthwise layer and the layers that produce the outputs stay in
+    float (``float_layers``, listed in ``int8_float_layers``); any other layer whose weight the quantiser leaves
+    in float (an operator it has no int8 form of) is an error naming the layer.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -641,7 +687,7 @@ def quantize_onnx(
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         except Exception:  # pre-processing is an optimisation; quantise the plain export instead
             prepared = float_path
-        kept = output_layers(prepared)
+        kept = float_layers(prepared)
         with atomic_path(out) as tmp:
             try:
                 quantize_static(
@@ -760,10 +806,10 @@ def export_qat(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> ExportResult:
     """The task's folded network fine-tuned for int8 (``qat_finetune``) on ``calibration``, exported (float)
-    to ``out``; the layers ``quantize_onnx`` keeps in float (``output_layers`` of ``float_path``) are left
+    to ``out``; the layers ``quantize_onnx`` keeps in float (``float_layers`` of ``float_path``) are left
     out of the fake quantisation too."""
     _, folded, metadata = prepare_module(task)
-    kept = torch_modules_of(folded, output_layers(float_path))
+    kept = torch_modules_of(folded, float_layers(float_path))
     tuned = qat_finetune(
         folded,
         calibration,

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
-#: Adam's learning rate: weights move by a fraction of one quantisation step per epoch.
-DEFAULT_QAT_LR = 3e-5
+#: Adam's learning rate. Measured at 0.25-128 on real photo crops (top-1 agreement of int8 with float on
+#: 300 crops of 3 photos the fine-tuning never saw): no QAT 0.84; 3 epochs at 3e-5 0.87; 10 at 1e-4 0.93;
+#: 30 at 1e-4 0.89 (it starts to fit the calibration photos).
+DEFAULT_QAT_LR = 1e-4
 DEFAULT_QAT_BATCH = 32
 
 
