@@ -1,0 +1,128 @@
+"""int8 against float on real photos, for Google's official MobileNets: our post-training int8 export, our
+quantisation-aware fine-tuned one (``export --int8 --qat-epochs``), and Google's own uint8 file in LiteRT (the
+peer), each compared by top-1 with our float export of the same weights.
+
+Photos: ``cat.bmp`` and ``bird.bmp`` beside the official files and the photos of ``skimage.data``
+(``pip install scikit-image``). Calibration and fine-tuning use crops of some photos; the agreement is
+measured on crops, flips and rescalings of the other photos, never seen by either. Besides agreement on all
+held-out crops, the table gives it on the crops the float model is confident about (top-1 probability ≥
+``--confident``), since a crop no class fits flips on any rounding.
+
+    pip install scikit-image ai-edge-litert
+    python benchmarks/int8_agreement.py [--widths 0.25,0.5,0.75] [--qat-epochs 10] [--weight-bits 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.backbone.weights import load_pretrained
+from mobilenets.tasks.deploy.export import (
+    DEFAULT_QAT_LR,
+    export_onnx,
+    export_qat,
+    int8_weight_bits,
+    ort_session,
+    quantize_onnx,
+    run_onnx,
+)
+from mobilenets.tasks.deploy.speed import (
+    DEFAULT_TFLITE_DIR,
+    OFFICIAL_TFLITE,
+    LiteRTModel,
+    _ExportAdapter,
+    cpu_isa,
+    official_tflite,
+    photo_variants,
+    real_photos,
+)
+
+#: Positions in ``real_photos`` held out (cat.bmp, then two of skimage's photos when it is installed).
+HELD_OUT = (0, 3, 6)
+
+
+def top1_agreement(reference: np.ndarray, other: np.ndarray, rows: np.ndarray | None = None) -> float:
+    same = reference.argmax(1) == other.argmax(1)
+    return float(same[rows].mean() if rows is not None else same.mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", default="0.25,0.5,0.75", help="α of the official classifier files")
+    parser.add_argument("--qat-epochs", type=int, default=10)
+    parser.add_argument("--qat-lr", type=float, default=DEFAULT_QAT_LR)
+    parser.add_argument("--weight-bits", type=int, choices=(7, 8), default=None, help="default: this CPU's")
+    parser.add_argument("--confident", type=float, default=0.3)
+    parser.add_argument("--tflite-dir", type=Path, default=DEFAULT_TFLITE_DIR)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bits = args.weight_bits or int8_weight_bits()
+    photos = real_photos(args.tflite_dir)
+    if len(photos) <= max(HELD_OUT):
+        raise SystemExit(f"needs {max(HELD_OUT) + 1} photos, found {len(photos)}: pip install scikit-image")
+    calibration_photos = [p for i, p in enumerate(photos) if i not in HELD_OUT]
+    heldout_photos = [photos[i] for i in HELD_OUT]
+    rows = []
+    for alpha in (float(a) for a in args.widths.split(",")):
+        _, size, classifier = OFFICIAL_TFLITE[alpha]
+        path = official_tflite(alpha, args.tflite_dir)
+        if path is None or not classifier:
+            print(f"{alpha}: skipped (no official classifier file in {args.tflite_dir})")
+            continue
+        model = MobileNetV1(1000, alpha, activation="relu6", padding="tf").eval()
+        load_pretrained(model, path)
+        adapter = _ExportAdapter(model, size, "logits")
+        calibration = photo_variants(calibration_photos, size, 256, seed=1)
+        heldout = photo_variants(heldout_photos, size, 300, seed=2)
+        with tempfile.TemporaryDirectory(prefix="mobilenets-agreement-") as work_dir:
+            work = Path(work_dir)
+            float_path = work / "float.onnx"
+            export_onnx(adapter, float_path)
+            reference = run_onnx(ort_session(float_path), heldout)[0]
+            probabilities = torch.from_numpy(reference).softmax(1).numpy()
+            confident = np.flatnonzero(probabilities.max(1) >= args.confident)
+            peer = LiteRTModel(path, args.threads).outputs(heldout)
+            results = {"LiteRT, Google's uint8 file (peer)": peer}
+            for epochs in (0, args.qat_epochs):
+                start = time.perf_counter()
+                source = float_path
+                if epochs:
+                    source = work / "qat.onnx"
+                    export_qat(adapter, float_path, source, calibration, epochs, bits, args.qat_lr)
+                out = work / f"int8-{epochs}.onnx"
+                quantize_onnx(source, out, calibration, heldout, 0.0, bits, reference_path=float_path)
+                label = f"ours int8, QAT {epochs} epochs" if epochs else "ours int8, post-training"
+                results[label] = run_onnx(ort_session(out), heldout)[0]
+                print(f"{alpha} MobileNet-{size}: {label} in {time.perf_counter() - start:.0f} s", flush=True)
+        for label, outputs in results.items():
+            rows.append(
+                (
+                    f"{alpha} MobileNet-{size}",
+                    label,
+                    top1_agreement(reference, outputs),
+                    top1_agreement(reference, outputs, confident),
+                    len(confident),
+                )
+            )
+    print(
+        f"\nint8 vs our float export, top-1 agreement on 300 held-out crops of {len(heldout_photos)} photos "
+        f"({len(calibration_photos)} others calibrate); {bits}-bit weights, QAT lr {args.qat_lr:g}; "
+        f"{platform.machine()} ({cpu_isa()})"
+    )
+    print(f"| model | int8 | all crops | crops with float p ≥ {args.confident:g} | confident crops |")
+    print("|---|---|---:|---:|---:|")
+    for model_name, label, whole, sure, count in rows:
+        print(f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} |")
+
+
+if __name__ == "__main__":
+    main()
