@@ -1,7 +1,9 @@
 """Faster R-CNN on MobileNet (the TF Object Detection API's MobileNet extractor), Table 13's rows.
 
 The backbone up to the 11th pointwise conv (stride 16) feeds the RPN (grid anchors 0.25, 0.5, 1, 2 x 256 px,
-ratios 1/2, 1, 2) and 14x14 RoIAlign; blocks 12 and 13 form the box head on each crop; 300 proposals.
+ratios 1/2, 1, 2) and 14x14 RoIAlign; blocks 12 and 13 form the box head on each crop; 300 proposals. As in the
+TF API's Faster R-CNN configs, both stages' localization losses weigh 2 against their classification losses and
+crops take one bilinear sample per cell (``crop_and_resize``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class FasterRCNNDetection(DetectionTask):
         crop_size: RoIAlign output (14).
         anchor_scales / anchor_ratios: grid anchors, scales relative to a 256 px base.
         box_batch_size_per_image: RoIs sampled per image for the box head's loss.
+        localization_loss_weight: weight of both stages' box-regression losses (2, the TF API's; with 1 a short
+            fine-tune on generated shapes boxes them far more loosely: val AP75 0.08 against 0.31).
+        sampling_ratio: bilinear samples per RoIAlign cell and side (1, as TF's ``crop_and_resize``; 2 makes a
+            training step on CPU about 1.5x as costly: RoIAlign's backward pass dominates it).
     """
 
     def __init__(
@@ -71,8 +77,14 @@ class FasterRCNNDetection(DetectionTask):
         anchor_scales: list[float] | None = None,
         anchor_ratios: list[float] | None = None,
         box_batch_size_per_image: int = 64,
+        localization_loss_weight: float = 2.0,
+        sampling_ratio: int = 1,
         **kwargs: Any,
     ) -> None:
+        if localization_loss_weight < 0:
+            raise ValueError(f"localization_loss_weight must be >= 0, got {localization_loss_weight}")
+        if sampling_ratio < 1:
+            raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
         super().__init__(input_size=input_size, **kwargs)
 
     def configure_models(self) -> None:
@@ -98,7 +110,9 @@ class FasterRCNNDetection(DetectionTask):
             rpn_pre_nms_top_n_test=1000,
             rpn_post_nms_top_n_train=hp.num_proposals,
             rpn_post_nms_top_n_test=hp.num_proposals,
-            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=hp.crop_size, sampling_ratio=2),
+            box_roi_pool=MultiScaleRoIAlign(
+                ["0"], output_size=hp.crop_size, sampling_ratio=hp.sampling_ratio
+            ),
             box_head=box_head,
             box_predictor=FastRCNNPredictor(box_head.out_channels, hp.num_classes),
             box_score_thresh=hp.score_thresh,
@@ -107,6 +121,11 @@ class FasterRCNNDetection(DetectionTask):
             box_batch_size_per_image=hp.box_batch_size_per_image,
             _skip_resize=True,  # training images come scale-jittered from the Faster R-CNN pipeline
         )
+
+    def weigh_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """torchvision's losses with both stages' box regression weighted by ``localization_loss_weight``."""
+        weight = self.hparams.localization_loss_weight
+        return {k: v * weight if k in ("loss_box_reg", "loss_rpn_box_reg") else v for k, v in losses.items()}
 
     def table13_name(self) -> str:
         return f"Faster-RCNN {self.hparams.input_size}"

@@ -185,13 +185,17 @@ class DetectionTask(BaseTask):
         images, targets = batch
         if stage == "train":
             clean = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-            losses = self.model(images, clean)
+            losses = self.weigh_losses(self.model(images, clean))
             loss = sum(losses.values())
             self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
             self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
             return loss
         self.collect_detections(self.model(images), targets, stage)
         return None
+
+    def weigh_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The detector's training losses as they are summed (weighted; unchanged here)."""
+        return losses
 
     def collect_detections(
         self, detections: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, Any]], stage: Stage

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mobilenets.datasets.synthetic.coco import make_coco_shapes
+from mobilenets.tasks.detection import FasterRCNNDetection
 
 
 @pytest.mark.slow
@@ -88,3 +90,35 @@ def test_demo_step_runs_and_reports_ap(tmp_path: Path) -> None:
         reported = float(row.value.rstrip("%")) / 100
         assert reported == pytest.approx(evaluation.stats[1], abs=1e-3)
         assert reported > 0.03
+
+
+def test_faster_rcnn_weighs_both_stages_box_losses() -> None:
+    """The training loss is torchvision's four losses with both box-regression terms (RPN and box head) times
+    ``localization_loss_weight``: the same batch and sampling give a loss larger by (w - 1) x those terms."""
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[8.0, 10.0, 40.0, 44.0]]), "labels": torch.tensor([1]), "image_id": 1},
+        {"boxes": torch.tensor([[20.0, 4.0, 60.0, 30.0]]), "labels": torch.tensor([2]), "image_id": 2},
+    ]
+    losses = {}
+    for weight in (1.0, 3.0):
+        torch.manual_seed(0)
+        task = FasterRCNNDetection(
+            num_classes=3,
+            input_size=64,
+            max_size=64,
+            width_mult=0.25,
+            anchor_scales=[0.125, 0.25],
+            num_proposals=20,
+            box_batch_size_per_image=8,
+            localization_loss_weight=weight,
+        )
+        task.train()
+        torch.manual_seed(1)  # the same anchors and RoIs sampled for both weights
+        raw = task.model(images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])
+        torch.manual_seed(1)
+        losses[weight] = (task._shared_step((images, targets), "train"), raw)
+    (loss1, raw1), (loss3, _) = losses[1.0], losses[3.0]
+    box_terms = float(raw1["loss_box_reg"] + raw1["loss_rpn_box_reg"])
+    assert box_terms > 0 and float(loss1) == pytest.approx(float(sum(raw1.values())), rel=1e-5)
+    assert float(loss3) == pytest.approx(float(loss1) + 2 * box_terms, rel=1e-5)
