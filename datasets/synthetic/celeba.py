@@ -1,9 +1,10 @@
 """A small CelebA-layout dataset of drawn faces whose attributes are visible in the images.
 
-Every one of the 40 attributes is drawn (hair colour and texture, hat, glasses, smile, open mouth, beard,
-lipstick, cheeks, tie, necklace, earrings, eyebrows, eye bags, nose, eyes, lips, wrinkles, blur, face shape,
-skin tone, ...) or follows from drawn ones as in real faces (No_Beard, Heavy_Makeup, Attractive, Male's
-correlates). ``label_noise`` flips labels as CelebA's annotators disagree, so no model reaches 100% AP;
+Every one of the 40 attributes is drawn (hair colour, length and texture, hat, glasses, smile, open mouth,
+beard, stubble, lipstick, make-up, cheeks, tie, necklace, earrings, eyebrows, eye bags, nose, eyes, lips,
+wrinkles, blur, face shape, skin tone, ...) or follows from drawn ones as in real faces (No_Beard, Bald,
+Attractive), each large enough to see inside the centre crop of a 48-64 px input.
+``label_noise`` flips labels as CelebA's annotators disagree, so no model reaches 100% AP;
 ``clutter`` puts the faces on textured backgrounds at a random scale, offset and lighting.
 Writes ``img_align_celeba/*.jpg``, ``list_attr_celeba.txt`` and ``list_eval_partition.txt`` exactly as
 released (the demo and the tests use it), and folders of unlabeled faces for distillation.
@@ -90,11 +91,28 @@ def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, amount: int 
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)  # type: ignore[return-value]
 
 
+def _shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)  # type: ignore[return-value]
+
+
+def _contrast(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A strand colour that shows on the hair: darker on light hair, lighter on dark hair."""
+    return _shade(colour, 0.5) if sum(colour) > 240 else tuple(min(255, c + 80) for c in colour)  # type: ignore[return-value]
+
+
 def draw_face(
     attributes: dict[str, bool], size: tuple[int, int], rng: np.random.Generator, clutter: bool = False
 ) -> Image.Image:
     """Draw a face of ``size`` (width, height) showing ``attributes``, with jittered colours and sensor
-    noise; with ``clutter`` on a textured background, at a random scale, offset and lighting."""
+    noise; with ``clutter`` on a textured background, at a random scale, offset and lighting.
+
+    Every attribute changes a region of the face that stays inside the centre crop models evaluate on
+    (the face from hat brim to tie knot) and is several pixels across at 48-64 px inputs: thin strokes
+    and skin-on-skin shading vanish at that resolution, so details are drawn bold and in contrasting
+    colours (stubble as dots, dark nostrils, white teeth, strands lighter than dark hair).
+    The random draws do not depend on the attributes, so the same ``rng`` state draws the same face with
+    one attribute changed only where that attribute shows.
+    """
     a = attributes
     width, height = size
     if clutter:
@@ -102,13 +120,20 @@ def draw_face(
     else:
         image = Image.new("RGB", size, random_colour(rng, 60, 200))
     draw = ImageDraw.Draw(image)
-    scale = rng.uniform(1.0, 1.25) if clutter else 1.0
-    shift = (0.07, 0.05) if clutter else (0.03, 0.02)
+    scale = rng.uniform(0.9, 1.05) if clutter else 0.95
+    shift = (0.06, 0.03) if clutter else (0.02, 0.01)
     cx = width * (0.5 + rng.uniform(-shift[0], shift[0]))
-    cy = height * (0.5 + rng.uniform(-shift[1], shift[1]))
+    cy = height * (0.47 + rng.uniform(-shift[1], shift[1]))
+    skin = _jitter(SKIN[a["Pale_Skin"]], rng, 10)
+    hair = _jitter(next((HAIR[h] for h in HAIR if a[h]), (0, 0, 0)), rng, 12)
+    hair_colour = hair if any(a[h] for h in HAIR) else None
+    clothes, hat, tie = random_colour(rng, 20, 140), random_colour(rng, 0, 200), _jitter((200, 20, 30), rng)
+    lips = _jitter((215, 15, 70) if a["Wearing_Lipstick"] else (160, 90, 85), rng, 12)
+    light = rng.uniform(0.8, 1.15) if clutter else 1.0
+    stubble_rng = np.random.default_rng(int(rng.integers(2**32)))
     sw, sh = width * scale, height * scale
-    rx = sw * (0.36 if a["Chubby"] else 0.28)
-    ry = sh * (0.36 if a["Oval_Face"] else 0.3)
+    rx = 0.35 if a["Chubby"] else 0.235 if a["Oval_Face"] else 0.28
+    ry = 0.33 if a["Oval_Face"] else 0.28
     line = max(2, round(sw / 22))
 
     def box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
@@ -117,100 +142,138 @@ def draw_face(
     def point(x: float, y: float) -> tuple[float, float]:
         return (cx + x * sw, cy + y * sh)
 
-    # shoulders and neckwear
-    draw.rectangle((0, cy + 0.28 * sh, width, height), fill=random_colour(rng, 20, 140))
+    shade = _shade(skin, 0.62)
+    long_hair = hair_colour is not None and not a["Male"]
+    # shoulders, neck and neckwear (just below the chin, inside the crop)
+    draw.rectangle((0, cy + 0.27 * sh, width, height), fill=clothes)
+    if long_hair:  # hair falling to the shoulders behind the face
+        draw.rounded_rectangle(box(-0.37, -0.2, 0.37, 0.3), radius=0.1 * sw, fill=hair_colour)
+    draw.rectangle(box(-0.1, 0.15, 0.1, 0.3), fill=_shade(skin, 0.9))
     if a["Wearing_Necktie"]:
-        draw.polygon([point(-0.05, 0.3), point(0.05, 0.3), point(0, 0.46)], fill=_jitter((200, 20, 30), rng))
-    if a["Wearing_Necklace"]:
-        draw.arc(box(-0.22, 0.18, 0.22, 0.4), 20, 160, fill=(255, 215, 0), width=line)
+        draw.polygon(
+            [point(-0.12, 0.26), point(0, 0.31), point(0.12, 0.26), point(0, 0.36)], fill=(245, 245, 245)
+        )
+        draw.polygon(
+            [point(-0.045, 0.27), point(0.045, 0.27), point(0.06, 0.45), point(-0.06, 0.45)], fill=tie
+        )
     # hair behind the face: its colour, and strands that show its texture
-    hair_colour = next((_jitter(HAIR[h], rng, 12) for h in HAIR if a[h]), None)
     if hair_colour:
-        draw.ellipse(box(-0.36, -0.38, 0.36, 0.12), fill=hair_colour)
-        strand = tuple(int(c * 0.55) for c in hair_colour)
-        for k in range(7):
-            x = -0.3 + 0.1 * k
-            if a["Wavy_Hair"]:
-                wave = [point(x + 0.025 * (-1) ** j, -0.3 + 0.07 * j) for j in range(6)]
-                draw.line(wave, fill=strand, width=line)
-            elif a["Straight_Hair"]:
-                draw.line([point(x, -0.32), point(x, 0.08)], fill=strand, width=line)
-    skin = _jitter(SKIN[a["Pale_Skin"]], rng, 10)
-    draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=skin)
-    shade = tuple(int(c * 0.72) for c in skin)
+        draw.ellipse(box(-0.37, -0.38, 0.37, 0.1), fill=hair_colour)
+    if hair_colour and a["Receding_Hairline"]:  # a bare crown: hair left only at the sides
+        draw.ellipse(box(-0.22, -0.4, 0.22, 0.0), fill=skin)
+    draw.ellipse(box(-rx, -ry, rx, ry), fill=skin)
     if a["Double_Chin"]:
-        draw.arc(box(-0.12, 0.18, 0.12, 0.31), 0, 180, fill=(150, 100, 80), width=line)
+        draw.chord(box(-0.17, ry - 0.1, 0.17, ry + 0.06), 0, 180, fill=_shade(skin, 0.92))
+        draw.arc(box(-0.17, ry - 0.1, 0.17, ry + 0.06), 10, 170, fill=shade, width=line)
+    if a["Wearing_Necklace"]:
+        for k in range(9):  # beads around the neck, below the chin
+            angle = np.pi * (0.1 + 0.8 * k / 8)
+            x, y = 0.15 * np.cos(angle), ry - 0.04 + 0.07 * np.sin(angle)
+            draw.ellipse(box(x - 0.025, y - 0.02, x + 0.025, y + 0.02), fill=(255, 215, 0))
     if a["High_Cheekbones"]:
         for side in (-1, 1):
-            draw.line([point(side * 0.2, -0.02), point(side * 0.13, 0.06)], fill=shade, width=line)
+            draw.line([point(side * 0.22, -0.03), point(side * 0.13, 0.06)], fill=shade, width=line)
     if hair_colour and a["Sideburns"]:
-        draw.rectangle(box(-0.29, -0.12, -0.24, 0.05), fill=hair_colour)
-        draw.rectangle(box(0.24, -0.12, 0.29, 0.05), fill=hair_colour)
+        for side in (-1, 1):
+            edge = side * (rx - 0.02)
+            draw.rectangle(
+                box(min(edge, edge - side * 0.07), -0.12, max(edge, edge - side * 0.07), 0.1),
+                fill=hair_colour,
+            )
     if hair_colour and a["Bangs"]:
-        draw.rectangle(box(-0.24, -0.3, 0.24, -0.17), fill=hair_colour)
-    if hair_colour and not a["Bangs"] and not a["Receding_Hairline"]:
-        draw.chord(box(-0.27, -0.34, 0.27, -0.12), 180, 360, fill=hair_colour)
-    if not a["Young"]:  # forehead wrinkles
-        for y in (-0.2, -0.17):
-            draw.line([point(-0.1, y), point(0.1, y)], fill=shade, width=line)
+        draw.rectangle(box(-0.25, -0.3, 0.25, -0.13), fill=hair_colour)
+    elif hair_colour and not a["Receding_Hairline"]:
+        draw.chord(box(-0.27, -0.34, 0.27, -0.1), 180, 360, fill=hair_colour)
+    if hair_colour and (a["Wavy_Hair"] or a["Straight_Hair"]):
+        strand, top = _contrast(hair_colour), -0.36
+        for x in (-0.33, -0.27, 0.27, 0.33) + (
+            (-0.15, -0.05, 0.05, 0.15) if not a["Receding_Hairline"] else ()
+        ):
+            bottom = 0.25 if long_hair and abs(x) > 0.25 else -0.26 if abs(x) < 0.2 else 0.0
+            if a["Wavy_Hair"]:
+                steps = max(2, round((bottom - top) / 0.05))
+                wave = [
+                    point(x + 0.025 * (-1) ** j, top + (bottom - top) * j / steps) for j in range(steps + 1)
+                ]
+                draw.line(wave, fill=strand, width=line)
+            else:
+                draw.line([point(x, top), point(x, bottom)], fill=strand, width=line)
+    if not a["Young"]:  # wrinkles: forehead lines and folds from the nose to the mouth corners
+        for y in (-0.215, -0.175):
+            draw.line([point(-0.12, y), point(0.12, y)], fill=shade, width=line)
+        for side in (-1, 1):
+            draw.line([point(side * 0.07, 0.04), point(side * 0.13, 0.16)], fill=shade, width=line)
     if a["Wearing_Hat"]:
-        hat = random_colour(rng, 0, 200)
-        draw.rectangle(box(-0.38, -0.29, 0.38, -0.23), fill=hat)
-        draw.rectangle(box(-0.25, -0.48, 0.25, -0.28), fill=hat)
+        draw.rectangle(box(-0.4, -0.29, 0.4, -0.21), fill=hat)
+        draw.rectangle(box(-0.26, -0.5, 0.26, -0.28), fill=hat)
     # eyes, brows, glasses
-    eye_h = 0.012 if a["Narrow_Eyes"] else 0.035
-    brow_colour = hair_colour or (50, 35, 25)
+    eye_h = 0.012 if a["Narrow_Eyes"] else 0.04
+    brow_colour = _shade(hair_colour, 0.6) if hair_colour else (50, 35, 25)
+    brow = 0.045 if a["Bushy_Eyebrows"] else 0.014
     for side in (-1, 1):
         ex = side * 0.11
-        draw.ellipse(box(ex - 0.05, -0.08 - eye_h, ex + 0.05, -0.08 + eye_h), fill=(255, 255, 255))
-        pupil = min(eye_h, 0.018)
-        draw.ellipse(box(ex - 0.018, -0.08 - pupil, ex + 0.018, -0.08 + pupil), fill=(40, 30, 30))
-        brow = 0.035 if a["Bushy_Eyebrows"] else 0.01
-        if a["Arched_Eyebrows"]:
-            draw.arc(
-                box(ex - 0.06, -0.17, ex + 0.06, -0.1),
-                200,
-                340,
+        draw.ellipse(box(ex - 0.06, -0.08 - eye_h, ex + 0.06, -0.08 + eye_h), fill=(255, 255, 255))
+        pupil = min(eye_h, 0.022)
+        draw.ellipse(box(ex - 0.022, -0.08 - pupil, ex + 0.022, -0.08 + pupil), fill=(40, 30, 30))
+        if a["Arched_Eyebrows"]:  # a raised inverted V
+            peak = point(ex + side * 0.01, -0.2 - brow / 2)
+            draw.line(
+                [point(ex - side * 0.07, -0.13), peak, point(ex + side * 0.07, -0.14)],
                 fill=brow_colour,
                 width=max(2, round(brow * sh)),
             )
         else:
-            draw.rectangle(box(ex - 0.06, -0.14 - brow, ex + 0.06, -0.14), fill=brow_colour)
+            draw.rectangle(box(ex - 0.07, -0.14 - brow, ex + 0.07, -0.14), fill=brow_colour)
         if a["Bags_Under_Eyes"]:
-            draw.arc(box(ex - 0.045, -0.07, ex + 0.045, -0.03), 20, 160, fill=(120, 80, 90), width=line)
+            draw.chord(box(ex - 0.06, -0.08, ex + 0.06, -0.01), 0, 180, fill=(125, 80, 110))
         if a["Eyeglasses"]:
-            draw.rectangle(box(ex - 0.075, -0.12, ex + 0.075, -0.04), outline=(10, 10, 10), width=line)
+            draw.rectangle(
+                box(ex - 0.085, -0.135, ex + 0.085, -0.03), outline=(10, 10, 10), width=max(2, line - 1)
+            )
         if a["Rosy_Cheeks"]:
-            draw.ellipse(box(side * 0.17 - 0.045, 0.0, side * 0.17 + 0.045, 0.07), fill=(235, 110, 120))
+            draw.ellipse(box(side * 0.17 - 0.05, -0.005, side * 0.17 + 0.05, 0.075), fill=(235, 110, 120))
         if a["Wearing_Earrings"]:
-            ear = side * rx / sw
-            draw.ellipse(box(ear - 0.02, 0.02, ear + 0.02, 0.07), fill=(255, 215, 0))
+            ear = side * rx
+            draw.ellipse(box(ear - 0.03, 0.03, ear + 0.03, 0.1), fill=(255, 215, 0))
     if a["Eyeglasses"]:
-        draw.line([point(-0.035, -0.08), point(0.035, -0.08)], fill=(10, 10, 10), width=line)
-    # nose
-    nose = 0.05 if a["Big_Nose"] else 0.025
-    tip = 0.11 if a["Pointy_Nose"] else 0.05
-    draw.polygon([point(0, -0.04), point(-nose, tip), point(nose, tip)], fill=shade)
-    # facial hair
-    if a["5_o_Clock_Shadow"]:
-        draw.chord(box(-0.17, 0.04, 0.17, 0.27), 0, 180, fill=(175, 140, 120))
-    if a["Goatee"]:
-        draw.rectangle(box(-0.05, 0.19, 0.05, 0.27), fill=(60, 40, 25))
-    if a["Mustache"]:
-        draw.rectangle(box(-0.09, 0.085, 0.09, 0.105), fill=(60, 40, 25))
-    # mouth
-    lips = (200, 20, 60) if a["Wearing_Lipstick"] else (150, 70, 70)
-    lip = line * 3 if a["Big_Lips"] else line
-    if a["Mouth_Slightly_Open"]:
-        draw.ellipse(box(-0.07, 0.11, 0.07, 0.17), fill=(60, 10, 20), outline=lips, width=lip)
-    elif not a["Smiling"]:
-        draw.line([point(-0.08, 0.14), point(0.08, 0.14)], fill=lips, width=lip)
-    if a["Smiling"]:
-        draw.arc(box(-0.11, 0.04, 0.11, 0.19), 20, 160, fill=lips, width=lip)
+        draw.line([point(-0.025, -0.08), point(0.025, -0.08)], fill=(10, 10, 10), width=line)
     if a["Heavy_Makeup"]:
         for side in (-1, 1):
-            draw.rectangle(box(side * 0.11 - 0.05, -0.125, side * 0.11 + 0.05, -0.11), fill=(90, 40, 140))
-    light = rng.uniform(0.8, 1.15) if clutter else 1.0
+            draw.rectangle(box(side * 0.11 - 0.06, -0.13, side * 0.11 + 0.06, -0.105), fill=(90, 40, 140))
+    # nose: a small stub, a wide nose with dark nostrils, or a long narrow one with a highlight
+    if a["Big_Nose"]:
+        draw.polygon([point(0, -0.05), point(-0.075, 0.075), point(0.075, 0.075)], fill=shade)
+        for side in (-1, 1):
+            draw.ellipse(box(side * 0.04 - 0.018, 0.05, side * 0.04 + 0.018, 0.075), fill=(60, 30, 30))
+    elif a["Pointy_Nose"]:
+        draw.polygon([point(0, -0.06), point(-0.03, 0.1), point(0.03, 0.1)], fill=shade)
+        draw.line([point(0, -0.04), point(0, 0.09)], fill=_shade(skin, 1.15), width=max(1, line - 1))
+    else:
+        draw.polygon([point(0, -0.02), point(-0.03, 0.045), point(0.03, 0.045)], fill=shade)
+    # facial hair: stubble as dark dots, a moustache (the goatee after the mouth)
+    if a["5_o_Clock_Shadow"]:
+        x0, y0, x1, y1 = box(-0.2, 0.08, 0.2, ry)
+        count = int((x1 - x0) * (y1 - y0) * 0.45)
+        xs, ys = stubble_rng.uniform(x0, x1, count), stubble_rng.uniform(y0, y1, count)
+        keep = ((xs - cx) / (0.2 * sw)) ** 2 + ((ys - y0) / (y1 - y0)) ** 2 <= 1
+        draw.point(list(zip(xs[keep].tolist(), ys[keep].tolist())), fill=(70, 60, 65))
+    if a["Mustache"]:
+        draw.rectangle(box(-0.1, 0.085, 0.1, 0.12), fill=(60, 40, 25))
+    # mouth: a line, an open mouth, a smile with teeth; big lips are thick, drawn around the mouth so they
+    # never hide the teeth or the opening, and only below the moustache so they never hide it or the nose
+    lip = 0.035 if a["Big_Lips"] else 0.015
+    if a["Smiling"]:
+        draw.chord(box(-0.12 - lip, 0.06 - lip, 0.12 + lip, 0.22 + lip), 0, 180, fill=lips)
+        draw.chord(box(-0.12, 0.06, 0.12, 0.22), 0, 180, fill=(250, 250, 245))
+        if a["Mouth_Slightly_Open"]:
+            draw.chord(box(-0.08, 0.1, 0.08, 0.2), 0, 180, fill=(60, 10, 20))
+    elif a["Mouth_Slightly_Open"]:
+        draw.ellipse(box(-0.08 - lip, 0.125, 0.08 + lip, 0.2 + lip), fill=lips)
+        draw.ellipse(box(-0.07, 0.125 + 0.6 * lip, 0.07, 0.2), fill=(60, 10, 20))
+    else:
+        draw.rectangle(box(-0.1, 0.16 - lip, 0.1, 0.16 + lip), fill=lips)
+    if a["Goatee"]:  # over the lower lip's edge rather than under it
+        draw.rectangle(box(-0.055, 0.225, 0.055, ry - 0.005), fill=(60, 40, 25))
     image = Image.fromarray(add_noise(np.asarray(image, dtype=np.float64) * light, rng, 6))
     if a["Blurry"]:
         image = image.filter(ImageFilter.GaussianBlur(radius=width / 40))

@@ -164,3 +164,31 @@ def test_datamodule_with_nested_unlabeled_folder(celeba: tuple[Path, np.ndarray]
     assert sample["teacher_image"].shape == (3, 48, 48) and sample["image"].shape == (3, 32, 32)
     with pytest.raises(CelebANotFoundError, match="unlabeled image folder not found"):
         CelebADataModule(str(root), unlabeled_dirs=[str(tmp_path / "none")]).setup("fit")
+
+
+#: what the generator derives from drawn attributes instead of drawing (as in real faces, No_Beard and Bald
+#: are the absence of a beard and of hair; Attractive follows from youth, smile, make-up and eye bags)
+DERIVED = {"Attractive", "Bald", "No_Beard"}
+
+
+@pytest.mark.parametrize("attribute", CELEBA_ATTRIBUTES)
+def test_each_drawn_attribute_shows_in_the_evaluated_crop(attribute: str) -> None:
+    """Flipping one attribute of a face changes it where a model looks (the centre crop of a 48 px input,
+    the quick demo's student) by a visible patch, and a derived attribute changes nothing by itself."""
+    from mobilenets.datasets.synthetic.celeba import HAIR, draw_face
+
+    transform = attribute_transform(48, False, (0.5,) * 3, (0.5,) * 3)
+    changed = []
+    for seed in range(3):
+        base = dict.fromkeys(CELEBA_ATTRIBUTES, False) | {"Brown_Hair": attribute not in HAIR, "Young": True}
+        images = [
+            transform(
+                np.asarray(draw_face(base | {attribute: on}, (56, 68), np.random.default_rng(seed), True))
+            )
+            for on in (True, False)
+        ]
+        changed.append(int(((images[0] - images[1]).abs().amax(dim=0) > 0.3).sum()))
+    if attribute in DERIVED:
+        assert changed == [0, 0, 0]
+    else:  # at least 12 of the crop's 2304 pixels, in every draw
+        assert min(changed) >= 12, changed

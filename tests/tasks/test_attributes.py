@@ -251,6 +251,34 @@ def test_two_commands_labels_to_distilled_student(
     assert np.mean(aps) == pytest.approx(float(printed.split("(distilled)")[1].split("%")[0]) / 100, abs=1e-3)
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_demo_configs_override_data_and_sizes_not_the_shipped_recipe(tmp_path: Path, quick: bool) -> None:
+    """The demo's student distils with the shipped 0.25-128 recipe (pure distillation, its optimiser), only
+    on the demo's data, at a smaller input than its teacher, both without random crops."""
+    import yaml
+
+    from mobilenets.tasks.cli.demo.attributes import attribute_configs
+
+    teacher, student = attribute_configs(tmp_path, tmp_path / "celeba", tmp_path / "unlabeled", quick)
+    shipped = yaml.safe_load((CONFIG_DIR / "attributes_distill_0.25_128.yaml").read_text())
+    options = student["model"]["init_args"]
+    for key in (
+        "label_weight",
+        "teacher_mode",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "scheduler",
+        "warmup_epochs",
+    ):
+        assert options[key] == shipped["model"]["init_args"][key], key
+    assert options["input_size"] < teacher["model"]["init_args"]["input_size"]
+    assert (
+        teacher["data"]["init_args"]["augment"] is False and student["data"]["init_args"]["augment"] is False
+    )
+    assert student["data"]["init_args"]["unlabeled_dirs"] == [str(tmp_path / "unlabeled")]
+
+
 @pytest.mark.slow
 def test_demo_step_quick(tmp_path: Path) -> None:
     from mobilenets.tasks.cli.demo.attributes import run_demo
@@ -262,9 +290,9 @@ def test_demo_step_quick(tmp_path: Path) -> None:
     )
     chance = float(rows[0].baseline.split("%")[0])
     assert rows[1].baseline == rows[0].baseline and 20.0 < chance < 50.0  # the test set's share of positives
-    # fine-tuned from ImageNet features for a few dozen steps: both above chance (measured: teacher +20,
-    # student +10 points)
+    # fine-tuned from ImageNet features for a few dozen steps: both well above chance (measured: teacher
+    # +29, student +22 points)
     for row in rows[:2]:
-        assert chance + 5.0 < float(row.value.split("%")[0]) <= 100.0
+        assert chance + 10.0 < float(row.value.split("%")[0]) <= 100.0
     assert float(rows[2].value) > 0  # the student's emulation cross-entropy on the test partition
     assert len(list((tmp_path / "teacher_cache").glob("*.npy"))) == 1
