@@ -17,19 +17,35 @@ exactly once, so a metric gathered over the processes is the single-process one.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from mobilenets.backbone.errors import ConfigError
 from mobilenets.datasets.transforms import MINUS_ONE_ONE
 
 #: A sample index, or (index, seed) as yielded by ``EpochSeededSampler(seeded_keys=True)``.
 SampleKey = int | tuple[int, int]
+
+
+class KeyedConcatDataset(ConcatDataset):
+    """``ConcatDataset`` whose items may also be asked for by ``(index, seed)`` keys: the part gets its own
+    index with the seed."""
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        if not isinstance(key, tuple):
+            return super().__getitem__(key)
+        index, seed = key
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[part - 1] if part else 0
+        return self.datasets[part][(index - start, seed)]
 
 
 class EpochSeededSampler(DistributedSampler):

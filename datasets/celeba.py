@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from mobilenets.backbone.errors import MobilenetsError
-from mobilenets.datasets.base import BaseDataModule
+from mobilenets.datasets.base import BaseDataModule, KeyedConcatDataset, SampleKey
 from mobilenets.datasets.images import images_in_folder, list_images, load_rgb
 from mobilenets.datasets.transforms import MINUS_ONE_ONE, ClassificationTransform
 
@@ -218,7 +218,7 @@ class AttributeImages(Dataset):
         paths: Sequence[Path],
         labels: np.ndarray | None,
         num_attributes: int,
-        transform: Callable[[np.ndarray], torch.Tensor],
+        transform: ClassificationTransform,
         offset: int = 0,
     ) -> None:
         if labels is not None and len(labels) != len(paths):
@@ -233,14 +233,15 @@ class AttributeImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.paths[index]
         decode_size = getattr(self.transform, "decode_size", None)
         if self.teacher_transform is not None:
             decode_size = max(decode_size or 0, getattr(self.teacher_transform, "decode_size", 0)) or None
         image = load_rgb(path, min_size=decode_size)
         sample: dict[str, Any] = {
-            "image": self.transform(image),
+            "image": self.transform(image, np.random.default_rng(seed)),
             "labels": self.labels[index] if self.labels is not None else torch.zeros(self.num_attributes),
             "labeled": self.labels is not None,
             "index": self.offset + index,
@@ -258,7 +259,7 @@ class CelebA(AttributeImages):
         self,
         root: Path | str,
         split: Split,
-        transform: Callable[[np.ndarray], torch.Tensor],
+        transform: ClassificationTransform,
         skip_missing: bool = False,
     ) -> None:
         if split not in SPLITS:
@@ -290,8 +291,10 @@ class CelebADataModule(BaseDataModule):
         predict_dir: a folder of face images (nested folders allowed) for ``predict``; without it ``predict``
             runs on the test partition. Predicting on a folder does not need the CelebA files under ``root``
             (the model's checkpoint or export names the attributes).
-        seed: seed of the shuffling.
+        seed: seed of the shuffling and of each training sample's augmentation.
     """
+
+    seeded_keys = True
 
     def __init__(
         self,
@@ -382,7 +385,7 @@ class CelebADataModule(BaseDataModule):
             )
         self.set_teacher_transform(self.teacher_transform)
         for split, parts in self._parts.items():
-            self.datasets[split] = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+            self.datasets[split] = parts[0] if len(parts) == 1 else KeyedConcatDataset(parts)
             if len(self.datasets[split]) == 0:
                 log.warning("%s: the %s partition is empty", self.root / PARTITION_FILE, split)
 

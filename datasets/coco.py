@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from mobilenets.backbone.errors import MobilenetsError
-from mobilenets.datasets.base import BaseDataModule
+from mobilenets.datasets.base import BaseDataModule, SampleKey
 from mobilenets.datasets.images import images_in_folder, load_rgb
 from mobilenets.datasets.transforms import MINUS_ONE_ONE, DetectionTransform
 
@@ -264,10 +264,12 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
         image = load_rgb(record["path"])
-        tensor, boxes, labels = self.transform(image, record["boxes"], record["labels"])
+        rng = None if seed is None else np.random.default_rng(seed)
+        tensor, boxes, labels = self.transform(image, record["boxes"], record["labels"], rng)
         target = {
             "boxes": boxes,
             "labels": labels,
@@ -322,9 +324,10 @@ class CocoDataModule(BaseDataModule):
         skip_missing: skip (and count) images whose file is missing instead of failing.
         mean, std: the model's normalisation; images stay in [0, 1] here because the detectors normalise
             inside (torchvision's transform), with these same values.
-        seed: seed of the shuffling.
+        seed: seed of the shuffling and of each training sample's augmentation.
     """
 
+    seeded_keys = True
     collate_fn = staticmethod(detection_collate)
 
     def __init__(

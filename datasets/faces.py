@@ -292,6 +292,10 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
     ``num_replicas`` × P distinct identities and process ``rank`` takes the ``rank``-th P of them, so the
     processes' simultaneous batches share no identity (and no image). With one process the batches are
     those of a single-process run.
+
+    With ``seeded_keys`` a batch holds ``(index, sample seed)`` keys, as ``EpochSeededSampler`` yields them,
+    so every image's augmentation is a function of the seed and the epoch too (it was drawn from fresh OS
+    entropy without it, and the same run gave a different model each time).
     """
 
     def __init__(
@@ -303,6 +307,7 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        seeded_keys: bool = False,
     ) -> None:
         if identities_per_batch < 2:
             raise ValueError(
@@ -332,6 +337,7 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.num_batches = num_batches or max(1, len(labels) // (self.batch_size * num_replicas))
         self.seed = seed
+        self.seeded_keys = seeded_keys
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -350,7 +356,7 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         skip = 0
         if self._resume is not None:
@@ -358,6 +364,8 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
                 skip = self._resume[1]
             self._resume = None
         rng = np.random.default_rng(self.seed + epoch)
+        # a stream of its own, so the batches are the same with or without sample seeds
+        seed_rng = np.random.default_rng([self.seed, epoch, 1])
         labels = np.array(sorted(self.members))
         for number in range(self.num_batches):
             # every process draws the whole step, so the random stream stays the same everywhere
@@ -370,7 +378,12 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
                     replace = len(members) < self.k
                     batch += [int(i) for i in rng.choice(members, size=self.k, replace=replace)]
                 batches.append(batch)
-            if number >= skip:  # skipped batches are still drawn: the later ones must not change
+            seeds = seed_rng.integers(0, 2**31 - 1, size=(len(batches), self.batch_size)).tolist()
+            if number < skip:  # skipped batches are still drawn: the later ones must not change
+                continue
+            if self.seeded_keys:
+                yield list(zip(batches[self.rank], seeds[self.rank]))
+            else:
                 yield batches[self.rank]
 
 
@@ -495,6 +508,7 @@ class FaceDataModule(BaseDataModule):
                 self.seed,
                 num_replicas=replicas,
                 rank=rank,
+                seeded_keys=self.seeded_keys,
             )
             return self._loader(self.train_dataset, train=True, batch_sampler=sampler)
         # the base drops a last partial batch (batch-norm statistics), unless that would leave no batch at all

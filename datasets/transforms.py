@@ -253,11 +253,11 @@ class DetectionTransform:
         self.pipeline = A.Compose(steps, bbox_params=bbox_params) if steps else None
 
     def _scale_jitter(
-        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Resize so the shorter side is a random jitter size, the longer side at most ``max_size``."""
         height, width = image.shape[:2]
-        target = self.jitter_sizes[int(self.rng.integers(len(self.jitter_sizes)))]
+        target = self.jitter_sizes[int(rng.integers(len(self.jitter_sizes)))]
         scale = target / min(height, width)
         if self.max_size:
             scale = min(scale, self.max_size / max(height, width))
@@ -271,15 +271,23 @@ class DetectionTransform:
         )
 
     def __call__(
-        self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        rng: np.random.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With ``rng`` (a sample's own, from its seeded key) every random choice, albumentations' included,
+        follows from it; without, from this transform's own generator."""
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        rng = rng if rng is not None else self.rng
         if self.train and self.kind == "ssd":
-            image, boxes, labels = ssd_random_crop(image, boxes, labels, self.rng)
+            image, boxes, labels = ssd_random_crop(image, boxes, labels, rng)
         elif self.train:
-            image, boxes, labels = self._scale_jitter(image, boxes, labels)
+            image, boxes, labels = self._scale_jitter(image, boxes, labels, rng)
         if self.pipeline is not None:
+            self.pipeline.set_random_seed(int(rng.integers(2**31)))
             out = self.pipeline(image=image, bboxes=boxes, labels=labels)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)

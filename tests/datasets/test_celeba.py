@@ -166,6 +166,27 @@ def test_datamodule_with_nested_unlabeled_folder(celeba: tuple[Path, np.ndarray]
         CelebADataModule(str(root), unlabeled_dirs=[str(tmp_path / "none")]).setup("fit")
 
 
+def test_training_batches_with_unlabeled_faces_are_the_same_in_every_run(
+    celeba: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """Each training image's crop and flip follow from the seed and the epoch, through the labeled and the
+    unlabeled parts alike: two runs train on the same batches, another seed on others."""
+    root, _ = celeba
+    make_unlabeled_faces(tmp_path / "extra", 5, size=(40, 48))
+
+    def images(seed: int) -> torch.Tensor:
+        dm = CelebADataModule(
+            str(root), input_size=32, batch_size=4, num_workers=0, seed=seed,
+            unlabeled_dirs=[str(tmp_path / "extra")],
+        )  # fmt: skip
+        dm.setup("fit")
+        return torch.cat([batch["image"] for batch in dm.train_dataloader()])
+
+    first = images(0)
+    assert torch.equal(first, images(0))
+    assert not torch.equal(first, images(1))
+
+
 #: what the generator derives from drawn attributes instead of drawing (as in real faces, No_Beard and Bald
 #: are the absence of a beard and of hair; Attractive follows from youth, smile, make-up and eye bags)
 DERIVED = {"Attractive", "Bald", "No_Beard"}

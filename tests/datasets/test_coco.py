@@ -187,3 +187,26 @@ def test_eval_transform_is_identity_in_original_pixels(tmp_path: Path) -> None:
     assert torch.equal(out_boxes, torch.from_numpy(boxes)) and out_labels.tolist() == [1]
     with pytest.raises(ValueError, match="must be 'ssd', 'frcnn' or 'none'"):
         DetectionTransform("yolo", 96, train=True)
+
+
+@pytest.mark.parametrize("augment", ["ssd", "frcnn"])
+def test_training_batches_are_the_same_in_every_run(tmp_path: Path, augment: str) -> None:
+    """Random crops, jitter, flips and colour changes follow from the seed and the epoch, so two runs (and a
+    resumed one) train on the same batches; another seed draws others."""
+    make_coco_shapes(tmp_path, {"train": 6}, size_range=(64, 96))
+
+    def first_batch(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        dm = CocoDataModule(
+            str(tmp_path), train_split="train", val_split="train", augment=augment, input_size=64,
+            batch_size=6, num_workers=0,
+            seed=seed,
+        )  # fmt: skip
+        dm.setup("fit")
+        images, targets = next(iter(dm.train_dataloader()))
+        return images, [t["boxes"] for t in targets]
+
+    (images, boxes), (again, again_boxes) = first_batch(0), first_batch(0)
+    assert all(torch.equal(a, b) for a, b in zip(images, again))
+    assert all(torch.equal(a, b) for a, b in zip(boxes, again_boxes))
+    other, _ = first_batch(1)
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(images, other))

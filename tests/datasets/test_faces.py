@@ -139,6 +139,36 @@ def test_pk_sampler_draws_p_identities_times_k_images() -> None:
     assert list(sampler) != batches  # reshuffled every epoch
 
 
+def test_pk_sampler_seeds_each_sample_without_changing_the_batches() -> None:
+    labels = [i // 4 for i in range(40)]
+    plain = list(IdentityBalancedBatchSampler(labels, 3, 2, num_batches=5, seed=4))
+    seeded = list(IdentityBalancedBatchSampler(labels, 3, 2, num_batches=5, seed=4, seeded_keys=True))
+    assert [[index for index, _ in batch] for batch in seeded] == plain
+    again = list(IdentityBalancedBatchSampler(labels, 3, 2, num_batches=5, seed=4, seeded_keys=True))
+    assert again == seeded
+    other = list(IdentityBalancedBatchSampler(labels, 3, 2, num_batches=5, seed=5, seeded_keys=True))
+    assert [s for batch in other for _, s in batch] != [s for batch in seeded for _, s in batch]
+
+
+def test_pk_training_batches_are_the_same_in_every_run(lfw: Path) -> None:
+    """The images of a P×K batch, augmentation included, follow from the seed: two runs train alike."""
+
+    def first_batch() -> torch.Tensor:
+        data = FaceDataModule(
+            train_dir=str(lfw / "images"),
+            pairs_file=str(lfw / "pairs.txt"),
+            pairs_dir=str(lfw / "images"),
+            input_size=32,
+            identities_per_batch=3,
+            images_per_identity=2,
+            num_workers=0,
+        )
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))["image"]
+
+    assert torch.equal(first_batch(), first_batch())
+
+
 def test_pk_sampler_needs_enough_identities() -> None:
     with pytest.raises(ValueError, match="at least P=3 identities with two or more images, found 2"):
         IdentityBalancedBatchSampler([0, 0, 1, 1, 2], identities_per_batch=3, images_per_identity=2)
