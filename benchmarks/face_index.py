@@ -9,7 +9,9 @@ searched as one batch.
 Each index type is built as ``mobilenets faces index build --embeddings`` builds it (``train_from_shards``:
 the training sample read from the shards, then the shards streamed in) in a child process of its own, whose
 peak resident memory (``VmHWM``) is its cost in memory; the build holds the training sample and the index,
-never the whole gallery. The table prints build time (train + add), peak memory, index bytes per face
+never the whole gallery, and ends with the benchmark if that is killed. The table, headed by the
+machine (CPU model, SIMD extensions, cores, memory, faiss build, threads), prints build time (train + add) and
+the build's CPU seconds, peak memory, index bytes per face
 (serialised size / n), recall@1 against exact search (same top-1 face), person@1 (the top-1 face shows the
 query's identity), queries/s and the ratio to exact's queries/s. Exact search (IndexFlatIP) runs over the
 shards one at a time (only its search calls are timed: the cost of exact search with the gallery in
@@ -28,11 +30,14 @@ queries/s of exact search.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
+import platform
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -42,6 +47,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mobilenets.tasks.deploy.export import cpu_flags
+from mobilenets.tasks.deploy.speed import cpu_model
 from mobilenets.tasks.faces.index import (
     INDEX_KINDS,
     RERANK_KIND,
@@ -82,6 +89,32 @@ def clustered_vectors(
         noise = rng.standard_normal((len(ids), dim), dtype=np.float32) * (spread / np.sqrt(dim))
         out[start : start + len(ids)] = normalize_rows(centres[ids] + noise)
     return out
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """What the numbers depend on: CPU model, its SIMD extensions, cores, memory, faiss' build and threads."""
+    flags = cpu_flags()
+    simd = [
+        f
+        for f in ("sse4_2", "avx2", "fma", "avx512f", "avx512_vpopcntdq", "avx512_bf16", "amx_tile")
+        if f in flags
+    ]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "cpu": cpu_model(),
+        "isa": " ".join(simd) or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "faiss": f"{faiss.__version__} ({faiss.get_compile_options().strip()})",
+        "threads": threads,
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; ISA {info['isa']}; "
+        f"faiss {info['faiss']}; {info['threads']} threads"
+    )
 
 
 # --------------------------------------------------------------------------- data, as embedding shards
@@ -131,23 +164,38 @@ def memory_status() -> dict[str, int]:
     return values
 
 
-def build_child(folder: str, kind: str, params: dict[str, int], threads: int, out: str, queue: Any) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have Linux end this process when ``parent`` ends: a spawned child outlives a killed parent otherwise,
+    and a 10 M build left running alone would hold the cores for nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a killed benchmark leaves its build to end by itself
+        return
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
+
+
+def build_child(
+    folder: str, kind: str, params: dict[str, int], threads: int, out: str, queue: Any, parent: int = 0
+) -> None:
     """Build ``kind`` from the shards as ``index build --embeddings`` does, write it to ``out``, and report
     times and memory. The baseline is the resident memory after imports and opening the shards."""
+    if parent:
+        die_with_parent(parent)
     faiss.omp_set_num_threads(threads)
     started = time.perf_counter()
     shards = ShardSet.open(folder)
     opened = time.perf_counter() - started
     baseline = memory_status()["VmRSS"]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     index = make_faiss_index(kind, shards.dim, params)  # type: ignore[arg-type]
     train_from_shards(index, shards, kind, params)
-    trained = time.perf_counter() - started
+    trained, trained_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     done = 0
     for chunk in shards.iter_rows():
         index.add_with_ids(normalize_rows(chunk), np.arange(done, done + len(chunk), dtype=np.int64))
         done += len(chunk)
-    built = time.perf_counter() - started
+    built, built_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     peak = memory_status()["VmHWM"]
     parts = [index.codes, index.vectors] if isinstance(index, RerankedIVFIndex) else [index]
     for number, part in enumerate(parts):
@@ -157,6 +205,8 @@ def build_child(folder: str, kind: str, params: dict[str, int], threads: int, ou
             "open_s": opened,
             "train_s": trained,
             "build_s": built,
+            "train_cpu_s": trained_cpu,
+            "build_cpu_s": built_cpu,
             "baseline_bytes": baseline,
             "peak_bytes": peak,
             "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -170,7 +220,9 @@ def build_in_child(
 ) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")  # a fresh process: its peak is this build's alone
     queue = context.Queue()
-    child = context.Process(target=build_child, args=(str(folder), kind, params, threads, str(out), queue))
+    child = context.Process(
+        target=build_child, args=(str(folder), kind, params, threads, str(out), queue, os.getpid())
+    )
     child.start()
     while child.is_alive() and queue.empty():
         child.join(timeout=1.0)
@@ -270,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
+    machine = machine_info(args.threads)
+    print(machine_line(machine), flush=True)
     folder, queries, query_people, num_identities = make_data(args)
     print(
         f"{args.size:,} gallery vectors ({num_identities:,} identities), {args.queries} queries, {args.dim}-d, "
@@ -318,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         row |= {"queries_per_s": qps, "vs_exact": speedup, **built}
         rows.append(row)
         print(
-            f"{label}: built in {built['build_s']:.1f} s (train {built['train_s']:.1f} s), peak memory "
+            f"{label}: built in {built['build_s']:.1f} s (train {built['train_s']:.1f} s; CPU "
+            f"{built['build_cpu_s']:.0f} s, train {built['train_cpu_s']:.0f} s), peak memory "
             f"{built['peak_bytes'] / 2**30:.2f} GiB (baseline {built['baseline_bytes'] / 2**30:.2f}), "
             f"recall@1 {recall:.3f}, {qps:,.0f} queries/s ({speedup:.1f}x)",
             flush=True,
@@ -355,14 +410,16 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     print()
+    print(machine_line(machine))
     header = (
-        f"{'index':<58}{'build s':>9}{'peak GiB':>10}{'bytes/face':>11}{'recall@1':>10}{'person@1':>10}"
+        f"{'index':<58}{'build s':>9}{'CPU s':>8}{'peak GiB':>10}{'bytes/face':>11}{'recall@1':>10}{'person@1':>10}"
         f"{'queries/s':>11}{'vs exact':>10}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         built_s = f"{row['build_s']:>9.1f}" if "build_s" in row else f"{'':>9}"
+        built_s += f"{row['build_cpu_s']:>8.0f}" if "build_cpu_s" in row else f"{'':>8}"
         peak = f"{row['peak_bytes'] / 2**30:>10.2f}" if "peak_bytes" in row else f"{'':>10}"
         print(
             f"{row['index']:<58}{built_s}{peak}{row['bytes_per_face']:>11.0f}{row['recall@1']:>10.3f}"
@@ -373,12 +430,19 @@ def main(argv: list[str] | None = None) -> int:
         "index's; vs exact: the index's median over the exact median of the same rounds"
     )
     print(
+        "build s: wall time of train + add; CPU s: the build process's CPU seconds over all its threads (on a "
+        "machine shared with other jobs both grow with their load: waiting OpenMP threads spin)"
+    )
+    print(
         "peak GiB: VmHWM of the build process (training sample + index + the shards' path tables); "
         "recall@1: same top-1 face as exact search; person@1: top-1 face shows the query's identity"
     )
     if args.json:
         args.json.write_text(
-            json.dumps({"options": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+            json.dumps(
+                {"options": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "rows": rows},
+                indent=1,
+            )
         )
     default_rows = [r for r in rows if r["index"].endswith("[default]")]
     if default_kind == "flat":

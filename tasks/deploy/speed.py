@@ -429,17 +429,20 @@ def format_table(rows: list[SpeedRow]) -> str:
     return "\n".join(lines)
 
 
-def machine_description(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_description(threads: int) -> str:
     import onnxruntime
 
     return (
-        f"{cpu} ({cpu_isa()}), {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, "
+        f"{cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}"
     )
 
