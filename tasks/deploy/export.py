@@ -354,6 +354,11 @@ def fuse_pads_into_convs(path: Path) -> int:
         fused.append(node)
     for node in fused:
         graph.node.remove(node)
+    # the fused Pads' constants: left in, ONNX Runtime warns about each one whenever the model is opened
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    unused = [init for init in graph.initializer if init.name not in read]
+    for init in unused:
+        graph.initializer.remove(init)
     used = {""} | {node.domain for node in graph.node}  # ONNX Runtime declares its own domains: drop them
     kept = [opset for opset in model.opset_import if opset.domain in used]
     del model.opset_import[:]
