@@ -26,23 +26,9 @@ from mobilenets.tasks.deploy.export import (
     torch_modules_of,
 )
 from mobilenets.tasks.deploy.qat import input_ranges, qat_finetune
-from mobilenets.tasks.deploy.speed import delta_orthogonal_
+from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_
 
 SIZE = 32
-
-
-class Exported(nn.Module):
-    """A bare network behind the export contract."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def export_module(self) -> nn.Module:
-        return self.network
-
-    def export_metadata(self) -> dict[str, str]:
-        return {"task": "test", "input_size": str(SIZE), "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +70,10 @@ def test_input_ranges_are_the_minmax_of_each_layer_input(network: nn.Module) -> 
 def test_finetuned_int8_is_closer_to_the_original_float_model(network: nn.Module, tmp_path: Path) -> None:
     images = sample_inputs(SIZE, 32).numpy()
     float_path, tuned_path = tmp_path / "float.onnx", tmp_path / "tuned.onnx"
-    export_onnx(Exported(network), float_path)
-    export_qat(Exported(network), float_path, tuned_path, images, epochs=6, weight_bits=8, lr=1e-4)
+    export_onnx(_ExportAdapter(network, SIZE), float_path)
+    export_qat(
+        _ExportAdapter(network, SIZE), float_path, tuned_path, images, epochs=6, weight_bits=8, lr=1e-4
+    )
     reference = run_onnx(ort_session(float_path), images)[0]
     errors = []
     for source in (float_path, tuned_path):

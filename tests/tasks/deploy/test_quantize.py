@@ -25,23 +25,9 @@ from mobilenets.tasks.deploy.export import (
     sample_inputs,
     unquantized_layers,
 )
-from mobilenets.tasks.deploy.speed import delta_orthogonal_
+from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_
 
 SIZE = 32
-
-
-class Exported(nn.Module):
-    """A bare network behind the export contract."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def export_module(self) -> nn.Module:
-        return self.network
-
-    def export_metadata(self) -> dict[str, str]:
-        return {"task": "test", "input_size": str(SIZE), "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5"}
 
 
 @pytest.mark.parametrize(
@@ -74,7 +60,7 @@ def float_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     network = MobileNetV1(num_classes=5, width_mult=0.25, activation="relu6").eval()
     delta_orthogonal_(network)
     path = tmp_path_factory.mktemp("float") / "float.onnx"
-    export_onnx(Exported(network), path)
+    export_onnx(_ExportAdapter(network, SIZE), path)
     return path
 
 
@@ -125,7 +111,7 @@ class EinsumLayer(nn.Module):
 
 def test_a_layer_the_quantiser_cannot_reach_is_named_and_nothing_is_written(tmp_path: Path) -> None:
     float_path = tmp_path / "float.onnx"
-    export_onnx(Exported(EinsumLayer().eval()), float_path)
+    export_onnx(_ExportAdapter(EinsumLayer().eval(), SIZE), float_path)
     images = sample_inputs(SIZE, 4).numpy()
     out = tmp_path / "int8.onnx"
     with pytest.raises(ExportError, match=r"cannot reach 1 layer\(s\), first /Einsum \(Einsum\)"):
