@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mobilenets.backbone.errors import MobilenetsError
-from mobilenets.datasets.atomic import write_csv_atomic, write_text_atomic
+from mobilenets.datasets.atomic import atomic_path, write_csv_atomic, write_text_atomic
 
 
 class PredictShardError(MobilenetsError, ValueError):
@@ -180,6 +180,19 @@ def merge_csv_shards(shards: list[Path], output: Path) -> None:
             raise PredictShardError(f"{shard}: header {rows[0]} differs from {shards[0]}'s {header}")
         parts.append(rows[1:])
     write_csv_atomic(output, [header or [], *interleave(parts, shards)])
+
+
+def merge_npy_shards(shards: list[Path], output: Path) -> None:
+    """One ``.npy`` from the processes' shards: their rows in single-process order (``interleave``);
+    written atomically."""
+    parts = [np.load(shard) for shard in shards]
+    widths = {part.shape[1:] for part in parts}
+    if len(widths) > 1:
+        raise PredictShardError(f"{shards[0]}: shards of different row shapes {sorted(widths)}")
+    rows = interleave([list(part) for part in parts], shards)
+    merged = np.stack(rows) if rows else np.concatenate(parts)
+    with atomic_path(output, ".npy") as temp, temp.open("wb") as stream:
+        np.save(stream, merged)
 
 
 def merge_json_shards(shards: list[Path], output: Path, order: Callable[[dict[str, Any]], Any]) -> None:

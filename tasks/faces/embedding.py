@@ -27,7 +27,12 @@ from mobilenets.tasks.distributed import gather_objects
 from mobilenets.tasks.faces.shards import model_fingerprint, shard_stem, write_shard
 from mobilenets.tasks.faces.verification import VerificationReport, evaluate_pairs, plot_roc
 from mobilenets.tasks.paper import TABLE14, PaperRow, mobilenet_row
-from mobilenets.tasks.prediction_files import embedding_rows, predict_output_path
+from mobilenets.tasks.prediction_files import (
+    embedding_rows,
+    merge_npy_shards,
+    merge_predict_shards,
+    predict_output_path,
+)
 from mobilenets.tasks.teacher import Teacher, TeacherInputs, cached_teacher_outputs, teacher_cache_dir
 
 log = logging.getLogger(__name__)
@@ -111,7 +116,8 @@ class FaceEmbedder(BaseTask):
         normalize_teacher: L2-normalise the teacher's outputs before the loss (FaceNet's are unit vectors).
         plot_dir: where ``test`` writes the ROC curve PNG and the report JSON (default: the logger's dir).
         embeddings_file: the ``.csv`` written by ``predict`` (default ``<log dir>/embeddings.csv``); the
-            ``.npy`` is written beside it under the same name. One ``.rank<N>`` pair per process under DDP.
+            ``.npy`` is written beside it under the same name. Under DDP the processes' parts are merged into
+            both, in single-process order.
         **kwargs: the backbone and optimisation options of ``BaseTask`` (``precise_bn_batches`` helps
             short runs, whose running statistics still lag the weights).
     """
@@ -374,8 +380,11 @@ class FaceEmbedder(BaseTask):
         write_csv_atomic(csv_path, embedding_rows(self._predict_paths, embeddings))
         with atomic_path(npy_path, ".npy") as temp, temp.open("wb") as stream:
             np.save(stream, embeddings.astype(np.float32, copy=False))
-        self.last_embeddings_paths = (csv_path, npy_path)
         shard = self._write_embedding_shard(npy_path, embeddings)
+        # DDP: the processes' files become one (their shards, for index building, stay)
+        csv_path = merge_predict_shards(self.trainer, csv_path)
+        npy_path = merge_predict_shards(self.trainer, npy_path, merge_npy_shards)
+        self.last_embeddings_paths = (csv_path, npy_path)
         self._predict_paths, self._predict_embeddings = [], []
         print(f"wrote {size}-d embeddings of {len(embeddings)} images to {csv_path}, {npy_path} and {shard}")
 

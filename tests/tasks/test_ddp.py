@@ -30,6 +30,7 @@ from mobilenets.datasets.synthetic.faces import make_identity_folders, make_lfw_
 from mobilenets.datasets.synthetic.geotags import make_geotags
 from mobilenets.datasets.synthetic.stanford_dogs import make_stanford_dogs
 from mobilenets.tasks.cli import main
+from mobilenets.tasks.faces.index import FaceIndex
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -438,7 +439,9 @@ def face_configs(faces: Path, **model: Any) -> tuple[dict[str, Any], dict[str, A
 @pytest.mark.slow
 def test_faces_triplet_with_the_pk_sampler(probe: Path, faces: Path, tmp_path: Path) -> None:
     model, data = face_configs(faces, loss="triplet")
-    ddp, single = run_family(tmp_path, probe, model, data, {"plot_dir": "plots"}, stages=("test",))
+    data["init_args"]["predict_dir"] = str(faces / "lfw")
+    outputs = {"plot_dir": "plots", "embeddings_file": "embeddings.csv"}
+    ddp, single = run_family(tmp_path, probe, model, data, outputs)
     assert "val/accuracy" in probed(ddp / "probe", "fit")["metrics"]
     identity = [folder.name for folder in sorted((faces / "train").iterdir()) for _ in folder.iterdir()]
     batches = train_batches(ddp)
@@ -451,6 +454,23 @@ def test_faces_triplet_with_the_pk_sampler(probe: Path, faces: Path, tmp_path: P
     assert reports[0]["num_pairs"] == 12 and reports[0] == pytest.approx(reports[1], abs=1e-4)
     threshold = torch.load(ddp / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]["threshold"]
     assert torch.isfinite(threshold)
+    # predict: each process wrote its embedding shard, merged into the single-process file
+    assert_same_csv(ddp / "out" / "embeddings.csv", single / "out" / "embeddings.csv")
+    shards = sorted(p.name for p in (ddp / "out").glob("embeddings.shard-*.npy"))
+    assert shards == ["embeddings.shard-00000-of-00002.npy", "embeddings.shard-00001-of-00002.npy"]
+    counts = [len(np.load(ddp / "out" / name)) for name in shards]
+    assert sum(counts) == 18 and min(counts) > 0  # the 6 x 3 gallery faces, split between the processes
+    # and the index built from the two shards, without the model, equals the one of the single run's shard
+    found = {}
+    for run in (ddp, single):
+        index = run / "index"
+        assert main(["faces", "index", "build", "--embeddings", str(run / "out"), "--out", str(index)]) == 0
+        opened = FaceIndex.open(index)
+        probe_image = sorted((faces / "lfw").rglob("*.jpg"))[4]
+        hits = opened.search(np.load(run / "out" / "embeddings.npy")[4], k=3)
+        found[run.name] = (len(opened), [(h.path, round(h.cosine, 4)) for h in hits])
+        assert hits[0].path == str(probe_image.resolve())
+    assert found["ddp"] == found["single"] and found["ddp"][0] == 18
 
 
 @pytest.mark.slow
@@ -566,6 +586,21 @@ def test_csv_shards_merge_into_the_single_process_order(tmp_path: Path) -> None:
     assert shards == [output, output]
     assert output.read_text() == "".join(",".join(row) + "\n" for row in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]
+
+
+def test_npy_shards_merge_into_the_single_process_order(tmp_path: Path) -> None:
+    from mobilenets.tasks.prediction_files import PredictShardError, merge_npy_shards
+
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    shards = [tmp_path / f"e.rank{rank}.npy" for rank in (0, 1)]
+    for rank, shard in enumerate(shards):
+        np.save(shard, rows[rank::2])  # the sampler's share: every second image
+    merge_npy_shards(shards, tmp_path / "e.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), rows)
+    np.save(shards[1], np.zeros((2, 3), np.float32))
+    with pytest.raises(PredictShardError, match="different row shapes"):
+        merge_npy_shards(shards, tmp_path / "f.npy")
+    assert not (tmp_path / "f.npy").exists()
 
 
 def test_shards_that_do_not_fit_are_refused_naming_the_shard(tmp_path: Path) -> None:
