@@ -186,9 +186,12 @@ def merge_npy_shards(shards: list[Path], output: Path) -> None:
     """One ``.npy`` from the processes' shards: their rows in single-process order (``interleave``);
     written atomically."""
     parts = [np.load(shard) for shard in shards]
-    widths = {part.shape[1:] for part in parts}
-    if len(widths) > 1:
-        raise PredictShardError(f"{shards[0]}: shards of different row shapes {sorted(widths)}")
+    for shard, part in zip(shards[1:], parts[1:]):
+        if part.shape[1:] != parts[0].shape[1:]:
+            raise PredictShardError(
+                f"{shard}: rows of shape {part.shape[1:]}, but {shards[0]}'s are {parts[0].shape[1:]} "
+                "(shards of different row shapes)"
+            )
     rows = interleave([list(part) for part in parts], shards)
     merged = np.stack(rows) if rows else np.concatenate(parts)
     with atomic_path(output, ".npy") as temp, temp.open("wb") as stream:
