@@ -1,12 +1,15 @@
-"""int8 against float on real photos, for Google's official MobileNets: our post-training int8 export, our
-quantisation-aware fine-tuned one (``export --int8 --qat-epochs``), and Google's own uint8 file in LiteRT (the
-peer), each compared by top-1 with our float export of the same weights.
+"""int8 against float on real photos, for Google's official MobileNets: our post-training int8 export with and
+without bias correction (``export --int8``, ``--no-bias-correction``), our quantisation-aware fine-tuned one
+(``export --int8 --qat-epochs``), and Google's own uint8 file in LiteRT (the peer), each compared by top-1
+with our float export of the same weights.
 
 Photos: ``cat.bmp`` and ``bird.bmp`` beside the official files and the photos of ``skimage.data``
 (``pip install scikit-image``). Calibration and fine-tuning use crops of some photos; the agreement is
 measured on crops, flips and rescalings of the other photos, never seen by either. Besides agreement on all
 held-out crops, the table gives it on the crops the float model is confident about (top-1 probability ≥
-``--confident``), since a crop no class fits flips on any rounding.
+``--confident``), since a crop no class fits flips on any rounding. The first row of each width is that
+noise floor: the float model itself, fed the same crops with uniform noise of ±``--noise`` grey levels (less
+than two JPEG decoders or resizers differ by).
 
     pip install scikit-image ai-edge-litert
     python benchmarks/int8_agreement.py [--widths 0.25,0.5,0.75] [--qat-epochs 10] [--weight-bits 8]
@@ -27,8 +30,8 @@ from mobilenets.backbone.mobilenet import MobileNetV1
 from mobilenets.backbone.weights import load_pretrained
 from mobilenets.tasks.deploy.export import (
     DEFAULT_QAT_LR,
+    export_for_int8,
     export_onnx,
-    export_qat,
     int8_weight_bits,
     ort_session,
     quantize_onnx,
@@ -54,6 +57,33 @@ def top1_agreement(reference: np.ndarray, other: np.ndarray, rows: np.ndarray | 
     return float(same[rows].mean() if rows is not None else same.mean())
 
 
+def centre_crops(folder: Path, size: int, fraction: float = 0.875) -> np.ndarray:
+    """Each photo of ``folder`` as a classifier sees it (the central ``fraction`` of its shorter side, resized
+    to ``size``) and flipped: a (2N, 3, size, size) batch in [-1, 1]."""
+    from PIL import Image
+
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+    if not paths:
+        raise SystemExit(f"{folder}: no .jpg, .png or .bmp photos")
+    batch = []
+    for path in paths:
+        photo = Image.open(path).convert("RGB")
+        side = int(min(photo.size) * fraction)
+        left, top = (photo.width - side) // 2, (photo.height - side) // 2
+        pixels = np.asarray(
+            photo.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+        )
+        pixels = pixels.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        batch += [pixels, pixels[:, :, ::-1]]
+    return np.ascontiguousarray(np.stack(batch))
+
+
+def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean KL divergence of ``other``'s softmax from ``reference``'s: closeness finer than top-1."""
+    p, q = torch.from_numpy(reference).log_softmax(1), torch.from_numpy(other).log_softmax(1)
+    return float((p.exp() * (p - q)).sum(1).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="0.25,0.5,0.75", help="α of the official classifier files")
@@ -63,6 +93,12 @@ def main() -> None:
     parser.add_argument("--confident", type=float, default=0.3)
     parser.add_argument("--tflite-dir", type=Path, default=DEFAULT_TFLITE_DIR)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--noise", type=float, default=0.5, help="grey levels of the noise-floor row")
+    parser.add_argument(
+        "--heldout-photos",
+        type=Path,
+        help="a folder of other real photos to hold out instead (each centre-cropped, and flipped)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bits = args.weight_bits or int8_weight_bits()
@@ -82,7 +118,10 @@ def main() -> None:
         load_pretrained(model, path)
         adapter = _ExportAdapter(model, size, "logits")
         calibration = photo_variants(calibration_photos, size, 256, seed=1)
-        heldout = photo_variants(heldout_photos, size, 300, seed=2)
+        if args.heldout_photos is None:
+            heldout = photo_variants(heldout_photos, size, 300, seed=2)
+        else:
+            heldout = centre_crops(args.heldout_photos, size)
         with tempfile.TemporaryDirectory(prefix="mobilenets-agreement-") as work_dir:
             work = Path(work_dir)
             float_path = work / "float.onnx"
@@ -90,17 +129,27 @@ def main() -> None:
             reference = run_onnx(ort_session(float_path), heldout)[0]
             probabilities = torch.from_numpy(reference).softmax(1).numpy()
             confident = np.flatnonzero(probabilities.max(1) >= args.confident)
-            peer = LiteRTModel(path, args.threads).outputs(heldout)
-            results = {"LiteRT, Google's uint8 file (peer)": peer}
-            for epochs in (0, args.qat_epochs):
+            noise = np.random.default_rng(3).uniform(-1, 1, heldout.shape).astype(np.float32)
+            noisy = run_onnx(ort_session(float_path), heldout + noise * (args.noise / 127.5))[0]
+            results = {
+                f"float, input ±{args.noise:g} grey levels (noise floor)": noisy,
+                "LiteRT, Google's uint8 file (peer)": LiteRTModel(path, args.threads).outputs(heldout),
+            }
+            variants = {
+                "ours int8, post-training, no bias correction": (0, False),
+                "ours int8, post-training + bias correction (default)": (0, True),
+                f"ours int8, QAT {args.qat_epochs} epochs + bias correction": (args.qat_epochs, True),
+            }
+            for label, (epochs, corrected) in variants.items():
                 start = time.perf_counter()
                 source = float_path
-                if epochs:
-                    source = work / "qat.onnx"
-                    export_qat(adapter, float_path, source, calibration, epochs, bits, args.qat_lr)
-                out = work / f"int8-{epochs}.onnx"
+                if epochs or corrected:
+                    source = work / "prepared.onnx"
+                    export_for_int8(
+                        adapter, float_path, source, calibration, bits, epochs, args.qat_lr, corrected
+                    )
+                out = work / "int8.onnx"
                 quantize_onnx(source, out, calibration, heldout, 0.0, bits, reference_path=float_path)
-                label = f"ours int8, QAT {epochs} epochs" if epochs else "ours int8, post-training"
                 results[label] = run_onnx(ort_session(out), heldout)[0]
                 print(f"{alpha} MobileNet-{size}: {label} in {time.perf_counter() - start:.0f} s", flush=True)
         for label, outputs in results.items():
@@ -111,17 +160,25 @@ def main() -> None:
                     top1_agreement(reference, outputs),
                     top1_agreement(reference, outputs, confident),
                     len(confident),
+                    None if "LiteRT" in label else mean_kl(reference, outputs),
                 )
             )
-    print(
-        f"\nint8 vs our float export, top-1 agreement on 300 held-out crops of {len(heldout_photos)} photos "
-        f"({len(calibration_photos)} others calibrate); {bits}-bit weights, QAT lr {args.qat_lr:g}; "
-        f"{platform.machine()} ({cpu_isa()})"
+    held = (
+        f"300 held-out crops of {len(heldout_photos)} photos"
+        if args.heldout_photos is None
+        else f"{len(heldout)} held-out images (centre crops and their flips of the photos in {args.heldout_photos})"
     )
-    print(f"| model | int8 | all crops | crops with float p ≥ {args.confident:g} | confident crops |")
-    print("|---|---|---:|---:|---:|")
-    for model_name, label, whole, sure, count in rows:
-        print(f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} |")
+    print(
+        f"\nint8 vs our float export, top-1 agreement on {held} ({len(calibration_photos)} other photos "
+        f"calibrate); {bits}-bit weights, QAT lr {args.qat_lr:g}; {platform.machine()} ({cpu_isa()})"
+    )
+    print(
+        f"| model | int8 | all crops | crops with float p ≥ {args.confident:g} | confident crops | mean KL |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for model_name, label, whole, sure, count, kl in rows:
+        divergence = "– (8-bit probabilities)" if kl is None else f"{kl:.4f}"
+        print(f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} | {divergence} |")
 
 
 if __name__ == "__main__":

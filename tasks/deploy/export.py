@@ -28,7 +28,7 @@ import json
 import math
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +45,7 @@ from mobilenets.backbone.mobilenet import Conv2dSame
 from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
-from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR, qat_finetune
+from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR, correct_bias, qat_finetune
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -744,13 +744,15 @@ def export_int8(
     weight_bits: WeightBits | None = None,
     qat_epochs: int = 0,
     qat_lr: float = DEFAULT_QAT_LR,
+    bias_correction: bool = True,
 ) -> ExportResult:
     """Float ONNX export (verified), then int8 quantisation calibrated on ``calibration_paths`` and checked
     on ``heldout_paths``; only the int8 model is written to ``out``.
 
-    With ``qat_epochs`` > 0 the folded network is first fine-tuned through int8 fake quantisation towards
-    its own float outputs on the calibration images (``tasks/deploy/qat.py``), and the fine-tuned weights
-    are quantised; the agreement is still measured against the original float export."""
+    Before quantisation the folded network is prepared for int8 on the calibration images
+    (``export_for_int8``): with ``qat_epochs`` > 0 fine-tuned through int8 fake quantisation towards its own
+    float outputs, and with ``bias_correction`` its biases corrected for the mean shift of int8 rounding. The
+    agreement is always measured against the original float export."""
     out = Path(out)
     if qat_epochs < 0:
         raise ExportError(f"--qat-epochs must be 0 or more, got {qat_epochs}")
@@ -760,11 +762,23 @@ def export_int8(
         metadata = float_result.metadata
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)
-        to_quantize, extra = float_result.path, {}
+        to_quantize = float_result.path
+        extra = {"int8_bias_correction": str(bias_correction).lower()}
         if qat_epochs:
-            to_quantize = Path(work) / "qat.onnx"
-            export_qat(task, float_result.path, to_quantize, calibration, qat_epochs, bits, qat_lr, tolerance)
-            extra = {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"}
+            extra |= {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"}
+        if qat_epochs or bias_correction:
+            to_quantize = Path(work) / "prepared.onnx"
+            export_for_int8(
+                task,
+                float_result.path,
+                to_quantize,
+                calibration,
+                bits,
+                qat_epochs,
+                qat_lr,
+                bias_correction,
+                tolerance,
+            )
         report = quantize_onnx(
             to_quantize, out, calibration, heldout, min_agreement, bits, float_result.path, extra
         )
@@ -800,32 +814,41 @@ def torch_modules_of(module: nn.Module, node_names: Sequence[str]) -> list[nn.Mo
     return [named[path] for path in paths if path in named]
 
 
-def export_qat(
+def export_for_int8(
     task: nn.Module,
     float_path: Path,
     out: Path,
     calibration: np.ndarray,
-    epochs: int,
     weight_bits: int,
-    lr: float = DEFAULT_QAT_LR,
+    qat_epochs: int = 0,
+    qat_lr: float = DEFAULT_QAT_LR,
+    bias_correction: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """The task's folded network fine-tuned for int8 (``qat_finetune``) on ``calibration``, exported (float)
-    to ``out``; the layers ``quantize_onnx`` keeps in float (``float_layers`` of ``float_path``) are left
-    out of the fake quantisation too."""
+    """The task's folded network prepared for int8 on ``calibration`` and exported (float) to ``out``:
+    fine-tuned through fake quantisation for ``qat_epochs`` (``qat_finetune``), then with its biases
+    corrected for the mean shift of int8 rounding (``correct_bias``). The layers ``quantize_onnx`` keeps in
+    float (``float_layers`` of ``float_path``) are left out of both."""
     _, folded, metadata = prepare_module(task)
-    kept = torch_modules_of(folded, float_layers(float_path))
-    tuned = qat_finetune(
-        folded,
-        calibration,
-        epochs,
-        weight_bits,
-        kept,
-        logits=output_kind(metadata) == "logits",
-        lr=lr,
-        log=print,
-    )
-    return export_onnx(_Tuned(tuned, metadata), out, tolerance)
+    kept = float_layers(float_path)
+    network = folded
+    if qat_epochs:
+        network = qat_finetune(
+            folded,
+            calibration,
+            qat_epochs,
+            weight_bits,
+            torch_modules_of(folded, kept),
+            logits=output_kind(metadata) == "logits",
+            lr=qat_lr,
+            log=log,
+        )
+    if bias_correction:
+        network = correct_bias(
+            network, calibration, weight_bits, torch_modules_of(network, kept), reference=folded, log=log
+        )
+    return export_onnx(_Tuned(network, metadata), out, tolerance)
 
 
 def split_calibration(paths: Sequence[Path], every: int = 5) -> tuple[list[Path], list[Path]]:

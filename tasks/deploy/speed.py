@@ -51,6 +51,7 @@ from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.deploy.export import (
     agreement,
     cpu_flags,
+    export_for_int8,
     export_onnx,
     int8_weight_bits,
     needs_high_precision_int8,
@@ -713,17 +714,24 @@ def litert_report(
             load_pretrained(model, path)
             calibration = photo_variants(photos, size, 32 if quick else 128, seed=1)
             heldout = photo_variants(photos, size, 20 if quick else 100, seed=2)
-            float_path, int8_path = work / f"{alpha}.onnx", work / f"{alpha}.int8.onnx"
+            float_path = work / f"{alpha}.onnx"
+            adapter = _ExportAdapter(model, size, "logits" if classifier else "embedding")
             with _quiet():
-                export_onnx(_ExportAdapter(model, size, "logits" if classifier else "embedding"), float_path)
-                report = quantize_onnx(float_path, int8_path, calibration, heldout, min_agreement=0.0)
-            int8_paths = {int8_path: f"{onnx_metadata(int8_path)['int8_weight_bits']}-bit weights"}
-            reports = [report]
-            if needs_high_precision_int8():  # no VNNI: also the exact but slower 8-bit alternative
-                exact_path = work / f"{alpha}.int8-8bit.onnx"
+                export_onnx(adapter, float_path)
+            int8_paths: dict[Path, str] = {}
+            reports = []
+            # what ``export --int8`` writes: bias-corrected, then quantised; with the exact but slower 8-bit
+            # weights beside where the CPU has no VNNI
+            for bits in sorted({int8_weight_bits(), 8}):
+                prepared, int8_path = work / f"{alpha}.{bits}.onnx", work / f"{alpha}.int8-{bits}bit.onnx"
                 with _quiet():
-                    reports.append(quantize_onnx(float_path, exact_path, calibration, heldout, 0.0, 8))
-                int8_paths[exact_path] = "8-bit weights, x64quantprecision"
+                    export_for_int8(adapter, float_path, prepared, calibration, bits, log=lambda _: None)
+                    reports.append(
+                        quantize_onnx(prepared, int8_path, calibration, heldout, 0.0, bits, float_path)
+                    )
+                exact = bits == 8 and needs_high_precision_int8()
+                int8_paths[int8_path] = f"{bits}-bit weights" + (", x64quantprecision" if exact else "")
+            report = reports[0]
             reference = run_onnx(ort_session(float_path), heldout)
             peer_report = agreement(report.kind, reference, [LiteRTModel(path, 1).outputs(heldout)])
             ours = ", ".join(f"{label} {r.value:.3f}" for label, r in zip(int8_paths.values(), reports))

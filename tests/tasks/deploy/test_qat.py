@@ -1,6 +1,8 @@
-"""Quantisation-aware fine-tuning: it brings the int8 export closer to the ORIGINAL float model than plain
-post-training quantisation, leaves the float model alone, and is recorded in the metadata."""
+"""Preparing a network for int8: quantisation-aware fine-tuning and bias correction each bring the int8 export
+closer to the ORIGINAL float model than plain post-training quantisation, leave the float model alone, and
+are recorded in the metadata."""
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +14,13 @@ from torch import nn
 
 from mobilenets.backbone.inference import fold_batchnorm, recalibrate_batchnorm
 from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.backbone.weights import load_pretrained
 from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.classification import ImageClassifier
 from mobilenets.tasks.cli import main as cli_main
 from mobilenets.tasks.deploy.export import (
+    export_for_int8,
     export_onnx,
-    export_qat,
     onnx_metadata,
     ort_session,
     quantize_onnx,
@@ -25,8 +28,8 @@ from mobilenets.tasks.deploy.export import (
     sample_inputs,
     torch_modules_of,
 )
-from mobilenets.tasks.deploy.qat import input_ranges, qat_finetune
-from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_
+from mobilenets.tasks.deploy.qat import correct_bias, fake_quantized, input_ranges, qat_finetune
+from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_, photo_variants, real_photos
 
 SIZE = 32
 
@@ -71,8 +74,8 @@ def test_finetuned_int8_is_closer_to_the_original_float_model(network: nn.Module
     images = sample_inputs(SIZE, 32).numpy()
     float_path, tuned_path = tmp_path / "float.onnx", tmp_path / "tuned.onnx"
     export_onnx(_ExportAdapter(network, SIZE), float_path)
-    export_qat(
-        _ExportAdapter(network, SIZE), float_path, tuned_path, images, epochs=6, weight_bits=8, lr=1e-4
+    export_for_int8(
+        _ExportAdapter(network, SIZE), float_path, tuned_path, images, 8, 6, 1e-4, bias_correction=False
     )
     reference = run_onnx(ort_session(float_path), images)[0]
     errors = []
@@ -108,3 +111,62 @@ def test_cli_records_qat_in_the_metadata_and_refuses_it_without_int8(
     metadata = onnx_metadata(out)
     assert metadata["int8_qat_epochs"] == "1"
     assert metadata["int8_qat_lr"] == "0.0001"
+    assert metadata["int8_bias_correction"] == "true"
+    assert cli_main([*argv, "--no-bias-correction", "--min-agreement", "0"]) == 0
+    assert onnx_metadata(out)["int8_bias_correction"] == "false"
+    assert "int8_qat_epochs" not in onnx_metadata(out)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--no-bias-correction"])
+    assert exit_info.value.code == 2
+    assert "--no-bias-correction needs --int8" in capsys.readouterr().err
+
+
+def _conv_means(network: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    convs = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
+    means: list[torch.Tensor] = []
+    handles = [c.register_forward_hook(lambda _, __, out: means.append(out.mean((0, 2, 3)))) for c in convs]
+    with torch.no_grad():
+        network(images)
+    for handle in handles:
+        handle.remove()
+    return means
+
+
+def test_bias_correction_cancels_the_mean_shift_of_int8_rounding_layer_by_layer(network: nn.Module) -> None:
+    folded = fold_batchnorm(network)
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    images = sample_inputs(SIZE, 16)
+    corrected = correct_bias(folded, images.numpy(), weight_bits=8)
+    assert all(torch.equal(before[k], v) for k, v in folded.state_dict().items())
+    assert not any(parametrize.is_parametrized(m) for m in corrected.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in corrected.modules())
+    changed = {k for k, v in corrected.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.endswith(".bias") for k in changed), changed
+    reference = _conv_means(folded, images)
+    shifts = []
+    for candidate in (folded, corrected):
+        simulated = copy.deepcopy(candidate)
+        with fake_quantized(folded, simulated, images, 8):
+            means = _conv_means(simulated, images)
+        shifts.append(max(float((m - r).abs().max()) for m, r in zip(means, reference)))
+    assert shifts[1] < 0.05 * shifts[0], shifts
+
+
+def test_bias_correction_brings_real_int8_closer_to_float_on_real_photos(tmp_path: Path) -> None:
+    # Google's 0.25-128 weights on crops of the test photos: the real statistics that bias correction is for
+    model = MobileNetV1(1000, 0.25, activation="relu6", padding="tf").eval()
+    load_pretrained(model, "official:0.25_128")
+    photos = real_photos(tmp_path)  # no official files there: the test data's photos
+    calibration, heldout = photo_variants(photos, 128, 48, seed=1), photo_variants(photos, 128, 64, seed=2)
+    adapter = _ExportAdapter(model, 128)
+    float_path, corrected_path = tmp_path / "float.onnx", tmp_path / "corrected.onnx"
+    export_onnx(adapter, float_path)
+    export_for_int8(adapter, float_path, corrected_path, calibration, 8)
+    reference = torch.from_numpy(run_onnx(ort_session(float_path), heldout)[0]).log_softmax(1)
+    divergences = []
+    for source in (float_path, corrected_path):
+        out = tmp_path / f"{source.stem}.int8.onnx"
+        quantize_onnx(source, out, calibration, heldout, 0.0, 8, reference_path=float_path)
+        quantized = torch.from_numpy(run_onnx(ort_session(out), heldout)[0]).log_softmax(1)
+        divergences.append(float((reference.exp() * (reference - quantized)).sum(1).mean()))
+    assert divergences[1] < 0.5 * divergences[0], divergences
