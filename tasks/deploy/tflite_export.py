@@ -56,6 +56,9 @@ def export_tflite(task: nn.Module, out: str | Path, tolerance: float = DEFAULT_T
     module, folded, metadata = prepare_module(task)
     input_size = int(metadata.get("input_size", 224))
     example = sample_inputs(input_size, 1, seed=VERIFY_SEED + 1)
+    # the export contract first, as the ONNX export checks it: a network that does not return a tensor or a
+    # tuple of tensors (Faster R-CNN's list of dicts) is refused by name, not by a converter trace error
+    _reference_outputs(module, example)
     metadata = {**metadata, "format": "tflite", "batchnorm_folded": "true", "layout": "NCHW", "batch": "1"}
     try:
         with warnings.catch_warnings(), static_same_padding(folded, example):
