@@ -56,3 +56,23 @@ def test_an_operator_the_converter_cannot_lower_is_quoted_and_nothing_is_written
     ):
         export_tflite(Spectral().eval(), out)
     assert not out.exists() and not metadata_path(out).exists() and list(tmp_path.iterdir()) == []
+
+
+class ListOutput(Spectral):
+    """A network that returns a list of dicts, as Faster R-CNN does: outside the export contract."""
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
+        return [{"boxes": self.conv(x)}]
+
+
+def test_a_network_outside_the_export_contract_is_refused_before_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def convert(module: nn.Module, args: tuple) -> None:
+        raise AssertionError("the converter must not be reached")
+
+    monkeypatch.setitem(sys.modules, "litert_torch", types.SimpleNamespace(convert=convert))
+    out = tmp_path / "model.tflite"
+    with pytest.raises(ExportError, match=r"must return a tensor or a tuple of tensors, got list"):
+        export_tflite(ListOutput().eval(), out)
+    assert list(tmp_path.iterdir()) == []
