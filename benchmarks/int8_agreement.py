@@ -1,7 +1,7 @@
-"""int8 against float on real photos, for Google's official MobileNets: our post-training int8 export with and
-without bias correction (``export --int8``, ``--no-bias-correction``), our quantisation-aware fine-tuned one
-(``export --int8 --qat-epochs``), and Google's own uint8 file in LiteRT (the peer), each compared by top-1
-with our float export of the same weights.
+"""int8 against float on real photos, for Google's official MobileNets, each compared by top-1 with our float
+export of the same weights: ONNX Runtime's plain post-training int8 (max-based weight scales), then with the
+weights re-quantised on the grid they came on, then with bias correction too (what ``export --int8`` writes),
+then after quantisation-aware fine-tuning (``--qat-epochs``); and Google's own uint8 file in LiteRT (the peer).
 
 Photos: ``cat.bmp`` and ``bird.bmp`` beside the official files and the photos of ``skimage.data``
 (``pip install scikit-image``). Calibration and fine-tuning use crops of some photos; the agreement is
@@ -13,6 +13,7 @@ than two JPEG decoders or resizers differ by).
 
     pip install scikit-image ai-edge-litert
     python benchmarks/int8_agreement.py [--widths 0.25,0.5,0.75] [--qat-epochs 10] [--weight-bits 8]
+        [--heldout-photos DIR]  # other real photos held out instead: each centre-cropped, and flipped
 """
 
 from __future__ import annotations
@@ -136,11 +137,17 @@ def main() -> None:
                 "LiteRT, Google's uint8 file (peer)": LiteRTModel(path, args.threads).outputs(heldout),
             }
             variants = {
-                "ours int8, post-training, no bias correction": (0, False),
-                "ours int8, post-training + bias correction (default)": (0, True),
-                f"ours int8, QAT {args.qat_epochs} epochs + bias correction": (args.qat_epochs, True),
+                "ours int8, post-training, max-based weight scales": (0, False, False),
+                "ours int8, post-training, grid weights": (0, False, True),
+                "ours int8, post-training, grid weights + bias correction (default)": (0, True, True),
             }
-            for label, (epochs, corrected) in variants.items():
+            if args.qat_epochs:
+                variants[f"ours int8, QAT {args.qat_epochs} epochs + bias correction"] = (
+                    args.qat_epochs,
+                    True,
+                    True,
+                )
+            for label, (epochs, corrected, grid) in variants.items():
                 start = time.perf_counter()
                 source = float_path
                 if epochs or corrected:
@@ -149,7 +156,9 @@ def main() -> None:
                         adapter, float_path, source, calibration, bits, epochs, args.qat_lr, corrected
                     )
                 out = work / "int8.onnx"
-                quantize_onnx(source, out, calibration, heldout, 0.0, bits, reference_path=float_path)
+                quantize_onnx(
+                    source, out, calibration, heldout, 0.0, bits, reference_path=float_path, grid_weights=grid
+                )
                 results[label] = run_onnx(ort_session(out), heldout)[0]
                 print(f"{alpha} MobileNet-{size}: {label} in {time.perf_counter() - start:.0f} s", flush=True)
         for label, outputs in results.items():

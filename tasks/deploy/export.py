@@ -45,7 +45,7 @@ from mobilenets.backbone.mobilenet import Conv2dSame
 from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
-from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR, correct_bias, qat_finetune
+from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR, correct_bias, grid_weight_scales, qat_finetune
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -650,6 +650,27 @@ def unquantized_layers(path: str | Path, kept: Sequence[str] = ()) -> list[str]:
     ]
 
 
+def grid_weight_overrides(path: str | Path, bound: int, kept: Sequence[str] = ()) -> dict[str, list[dict]]:
+    """ONNX Runtime's per-channel ``TensorQuantOverrides`` for the convolution weights of ``path`` (but the
+    ``kept`` layers') that lie on a grid: their grid's step as the scale (``grid_weight_scales``), so
+    quantisation reproduces them exactly."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name: init for init in graph.initializer}
+    overrides: dict[str, list[dict]] = {}
+    for node in graph.node:
+        if node.op_type != "Conv" or node.name in kept or node.input[1] not in initializers:
+            continue
+        scales = grid_weight_scales(numpy_helper.to_array(initializers[node.input[1]]), bound)
+        if scales is not None:
+            overrides[node.input[1]] = [
+                {"axis": 0, "scale": np.float32(scale), "zero_point": np.int8(0)} for scale in scales.tolist()
+            ]
+    return overrides
+
+
 def quantize_onnx(
     float_path: str | Path,
     out: str | Path,
@@ -659,6 +680,7 @@ def quantize_onnx(
     weight_bits: WeightBits | None = None,
     reference_path: str | Path | None = None,
     extra_metadata: dict[str, str] | None = None,
+    grid_weights: bool = True,
 ) -> AgreementReport:
     """Static int8 quantisation (QDQ, per-channel weights, min-max calibration) of a float ONNX export;
     writes ``out`` only if the agreement with the float model on ``heldout`` reaches ``min_agreement``.
@@ -667,9 +689,12 @@ def quantize_onnx(
     export when ``float_path`` holds quantisation-aware fine-tuned weights.
 
     ``weight_bits`` is 8 or 7 (default: ``int8_weight_bits()`` of this CPU), recorded in the metadata as
-    ``int8_weight_bits``. The stem, the first depthwise layer and the layers that produce the outputs stay in
-    float (``float_layers``, listed in ``int8_float_layers``); any other layer whose weight the quantiser leaves
-    in float (an operator it has no int8 form of) is an error naming the layer.
+    ``int8_weight_bits``. Weights that already lie on a grid (read from an int8 file) are re-quantised on it,
+    losslessly (``grid_weight_overrides``; their number is ``int8_grid_weight_layers``) unless
+    ``grid_weights`` is off. The stem, the first
+    depthwise layer and the layers that produce the outputs stay in float (``float_layers``, listed in
+    ``int8_float_layers``); any other layer whose weight the quantiser leaves in float (an operator it has
+    no int8 form of) is an error naming the layer.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -693,6 +718,7 @@ def quantize_onnx(
         except Exception:  # pre-processing is an optimisation; quantise the plain export instead
             prepared = float_path
         kept = float_layers(prepared)
+        overrides = grid_weight_overrides(prepared, 127 if bits == 8 else 64, kept) if grid_weights else {}
         with atomic_path(out) as tmp:
             try:
                 quantize_static(
@@ -705,6 +731,7 @@ def quantize_onnx(
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=kept,
+                    extra_options={"TensorQuantOverrides": overrides},
                 )
             except Exception as error:  # the quantiser's own message names the node it stopped at
                 raise ExportError(f"{float_path}: int8 quantisation failed: {error}") from error
@@ -721,6 +748,7 @@ def quantize_onnx(
                     "quantization": f"int8 static QDQ per-channel ({bits}-bit weights)",
                     "int8_weight_bits": str(bits),
                     "int8_float_layers": ",".join(kept),
+                    "int8_grid_weight_layers": str(len(overrides)),
                     **(extra_metadata or {}),
                 },
             )

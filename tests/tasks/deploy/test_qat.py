@@ -152,10 +152,16 @@ def test_bias_correction_cancels_the_mean_shift_of_int8_rounding_layer_by_layer(
     assert shifts[1] < 0.05 * shifts[0], shifts
 
 
-def test_bias_correction_brings_real_int8_closer_to_float_on_real_photos(tmp_path: Path) -> None:
-    # Google's 0.25-128 weights on crops of the test photos: the real statistics that bias correction is for
+@pytest.mark.parametrize("fine_tuned", [False, True])
+def test_real_int8_comes_closer_to_float_on_real_photos(tmp_path: Path, fine_tuned: bool) -> None:
+    # Google's 0.25-128 weights on crops of the test photos: the real statistics bias correction is for. As
+    # read, the weights lie on the int8 file's grid; "fine-tuned" ones (nudged off it) cannot use that.
     model = MobileNetV1(1000, 0.25, activation="relu6", padding="tf").eval()
     load_pretrained(model, "official:0.25_128")
+    if fine_tuned:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + 1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     photos = real_photos(tmp_path)  # no official files there: the test data's photos
     calibration, heldout = photo_variants(photos, 128, 48, seed=1), photo_variants(photos, 128, 64, seed=2)
     adapter = _ExportAdapter(model, 128)
@@ -164,9 +170,14 @@ def test_bias_correction_brings_real_int8_closer_to_float_on_real_photos(tmp_pat
     export_for_int8(adapter, float_path, corrected_path, calibration, 8)
     reference = torch.from_numpy(run_onnx(ort_session(float_path), heldout)[0]).log_softmax(1)
     divergences = []
-    for source in (float_path, corrected_path):
-        out = tmp_path / f"{source.stem}.int8.onnx"
-        quantize_onnx(source, out, calibration, heldout, 0.0, 8, reference_path=float_path)
+    for source, grid in ((float_path, False), (float_path, True), (corrected_path, True)):
+        out = tmp_path / "int8.onnx"
+        quantize_onnx(source, out, calibration, heldout, 0.0, 8, float_path, grid_weights=grid)
         quantized = torch.from_numpy(run_onnx(ort_session(out), heldout)[0]).log_softmax(1)
         divergences.append(float((reference.exp() * (reference - quantized)).sum(1).mean()))
-    assert divergences[1] < 0.5 * divergences[0], divergences
+    plain, grid, default = divergences
+    if fine_tuned:
+        assert grid == pytest.approx(plain, rel=1e-6), divergences  # off the grid: max-based scales
+        assert default < 0.5 * plain, divergences
+    else:
+        assert grid < 0.25 * plain and default < grid, divergences

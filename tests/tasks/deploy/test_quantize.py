@@ -1,5 +1,6 @@
-"""int8 quantisation: weight bits chosen from the CPU's VNNI, recorded in the metadata; layers the quantiser
-cannot reach and calibration folders without images are errors that name them."""
+"""int8 quantisation: weight bits chosen from the CPU's VNNI, recorded in the metadata; weights that lie on a
+grid quantised exactly; layers the quantiser cannot reach and calibration folders without images are errors
+that name them."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from mobilenets.tasks.deploy.export import (
     sample_inputs,
     unquantized_layers,
 )
+from mobilenets.tasks.deploy.qat import grid_weight_scales
 from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_
 
 SIZE = 32
@@ -165,3 +167,51 @@ def test_sessions_of_8_bit_exports_avoid_int16_saturation_only_where_it_happens(
     assert export_module.needs_high_precision_int8() is ("sse2" in flags and "avx512_vnni" not in flags)
     assert _precision_entry(export_module.ort_session(out)) == entry
     assert _precision_entry(export_module.ort_session(float_model)) is None  # float models: never
+
+
+def test_grid_weight_scales_take_the_grid_step_where_the_integers_fit() -> None:
+    step = 0.0173
+    integers = torch.randint(-100, 101, (6, 4, 3, 3), generator=torch.Generator().manual_seed(0)).double()
+    integers[0].view(-1)[0], integers[1].view(-1)[0] = 127, -200  # channel 1 needs more than 8 bits
+    scales = grid_weight_scales((integers * step).float(), 127)
+    assert scales is not None
+    expected = [step] * 6
+    expected[1] = 200 * step / 127  # max-based: its integers do not fit
+    assert torch.allclose(scales.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)
+    seven_bit = grid_weight_scales((integers * step).float(), 64)
+    assert seven_bit is not None and not torch.allclose(seven_bit.double()[0], torch.tensor(step).double())
+    off_grid = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert grid_weight_scales(off_grid, 127) is None
+
+
+def test_weights_that_lie_on_a_grid_are_quantised_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    network = MobileNetV1(num_classes=5, width_mult=0.25, activation="relu6").eval()
+    delta_orthogonal_(network)
+    with torch.no_grad():  # as Google's int8 files give them: integer multiples of one step per tensor
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                step = float(module.weight.abs().max()) / 90
+                module.weight.copy_((module.weight / step).round() * step)
+    float_path, out = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    export_onnx(_ExportAdapter(network, SIZE), float_path)
+    images = sample_inputs(SIZE, 4).numpy()
+    quantize_onnx(float_path, out, images, images, min_agreement=0.0, weight_bits=8)
+    assert onnx_metadata(out)["int8_grid_weight_layers"] == "25"
+    float_weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(float_path)).graph.initializer}
+    graph = onnx.load(str(out)).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    compared = 0
+    for node in graph.node:
+        name = node.input[0].removesuffix("_quantized")
+        is_weight = name in float_weights and float_weights[name].ndim == 4 and node.input[0] != name
+        if node.op_type == "DequantizeLinear" and is_weight:
+            scale = initializers[node.input[1]].reshape(-1, *[1] * (float_weights[name].ndim - 1))
+            restored = initializers[node.input[0]].astype(np.float32) * scale
+            # float32 rounding only: a second rounding onto max-based scales errs by up to max |w| / 254
+            largest = float(np.abs(float_weights[name]).max())
+            np.testing.assert_allclose(restored, float_weights[name], rtol=0, atol=1e-4 * largest)
+            compared += 1
+    assert compared == 25
+    quantize_onnx(float_path, out, images, images, min_agreement=0.0, weight_bits=8, grid_weights=False)
+    assert onnx_metadata(out)["int8_grid_weight_layers"] == "0"
