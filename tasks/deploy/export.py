@@ -690,11 +690,10 @@ def quantize_onnx(
 
     ``weight_bits`` is 8 or 7 (default: ``int8_weight_bits()`` of this CPU), recorded in the metadata as
     ``int8_weight_bits``. Weights that already lie on a grid (read from an int8 file) are re-quantised on it,
-    losslessly (``grid_weight_overrides``; their number is ``int8_grid_weight_layers``) unless
-    ``grid_weights`` is off. The stem, the first
-    depthwise layer and the layers that produce the outputs stay in float (``float_layers``, listed in
-    ``int8_float_layers``); any other layer whose weight the quantiser leaves in float (an operator it has
-    no int8 form of) is an error naming the layer.
+    losslessly, unless ``grid_weights`` is off (``grid_weight_overrides``; their number is
+    ``int8_grid_weight_layers``). The stem, the first depthwise layer and the layers that produce the outputs
+    stay in float (``float_layers``, listed in ``int8_float_layers``); any other layer whose weight the
+    quantiser leaves in float (an operator it has no int8 form of) is an error naming the layer.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
