@@ -861,6 +861,14 @@ def export_for_int8(
     kept = float_layers(float_path)
     network = folded
     if qat_epochs:
+        bound = 127 if weight_bits == 8 else 64
+        on_grid = grid_weight_overrides(float_path, bound, kept)
+        if on_grid:
+            log(
+                f"note: {len(on_grid)} layers' weights lie on an int8 grid and would be quantised exactly; "
+                "quantisation-aware fine-tuning moves them off it (on Google's official weights it agreed "
+                "less with float than bias correction alone: benchmarks/int8_agreement.py)"
+            )
         network = qat_finetune(
             folded,
             calibration,

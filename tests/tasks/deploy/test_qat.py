@@ -181,3 +181,21 @@ def test_real_int8_comes_closer_to_float_on_real_photos(tmp_path: Path, fine_tun
         assert default < 0.5 * plain, divergences
     else:
         assert grid < 0.25 * plain and default < grid, divergences
+
+
+def test_finetuning_weights_that_lie_on_a_grid_says_it_moves_them_off(
+    network: nn.Module, tmp_path: Path
+) -> None:
+    official = MobileNetV1(1000, 0.25, activation="relu6", padding="tf").eval()
+    load_pretrained(official, "official:0.25_128")
+    notes: dict[str, list[str]] = {}
+    for name, model, size in (("official", official, 128), ("random", network, SIZE)):
+        adapter = _ExportAdapter(model, size)
+        float_path = tmp_path / f"{name}.onnx"
+        export_onnx(adapter, float_path)
+        images = sample_inputs(size, 4).numpy()
+        lines: list[str] = []
+        export_for_int8(adapter, float_path, tmp_path / f"{name}.qat.onnx", images, 8, 1, log=lines.append)
+        notes[name] = [line for line in lines if "lie on an int8 grid" in line]
+    assert len(notes["official"]) == 1 and notes["official"][0].startswith("note: 25 layers' weights")
+    assert notes["random"] == []
