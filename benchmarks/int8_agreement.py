@@ -14,6 +14,11 @@ than two JPEG decoders or resizers differ by).
     pip install scikit-image ai-edge-litert
     python benchmarks/int8_agreement.py [--widths 0.25,0.5,0.75] [--qat-epochs 10] [--weight-bits 8]
         [--heldout-photos DIR]  # other real photos held out instead: each centre-cropped, and flipped
+
+For example the 20 ImageNet validation photos that foolbox ships (ImageNet's non-commercial terms):
+
+    pip download --no-deps foolbox==3.3.4 && unzip -o foolbox-3.3.4-py3-none-any.whl 'foolbox/data/*.jpg'
+    python benchmarks/int8_agreement.py --heldout-photos foolbox/data
 """
 
 from __future__ import annotations
