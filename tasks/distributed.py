@@ -1,5 +1,5 @@
 """What the tasks need from ``torch.distributed`` under DDP, in one place: this process's rank, gathering
-Python objects from every process, and waiting for all of them. Outside a process group (one process)
+Python objects from every process, waiting for all of them, and leaving together at exit. Outside a process group (one process)
 each is the trivial single-process answer, so callers need no ``if distributed`` of their own.
 
 Shared tool of the tasks (teacher caches, gathered metrics, merged predict outputs); not a task itself.
@@ -7,11 +7,18 @@ Shared tool of the tasks (teacher caches, gathered metrics, merged predict outpu
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import datetime
 from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+#: How long a process waits at exit for the others before it destroys the process group anyway.
+EXIT_TIMEOUT = datetime.timedelta(seconds=120)
+_leave_registered = False
 
 
 def is_distributed() -> bool:
@@ -46,3 +53,24 @@ def barrier() -> None:
     """Wait until every process gets here (nothing to wait for alone)."""
     if is_distributed():
         torch.distributed.barrier()
+
+
+def _leave_together() -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    with contextlib.suppress(Exception):  # a peer that died first: leave anyway after the timeout
+        torch.distributed.barrier(async_op=True).wait(timeout=EXIT_TIMEOUT)
+    with contextlib.suppress(Exception):
+        torch.distributed.destroy_process_group()
+
+
+def leave_together_at_exit() -> None:
+    """Once per process, under a process group: at exit, wait for the other processes (at most
+    ``EXIT_TIMEOUT``), then destroy the group. Lightning leaves the group alive; a process that then
+    exited while its peer's gloo threads still talked to it made the peer abort ("terminate called without
+    an active exception", exit code -6) after a finished run, in 2 of 4 test runs of one day."""
+    global _leave_registered
+    if _leave_registered or not is_distributed():
+        return
+    atexit.register(_leave_together)
+    _leave_registered = True

@@ -158,8 +158,10 @@ def _run(command: str, argv: list[str]) -> int:
         module = importlib.import_module(PROJECT_COMMANDS[command][0])
         return int(module.main(argv) or 0)
     from mobilenets.tasks.cli.lightning import lightning_cli
+    from mobilenets.tasks.distributed import leave_together_at_exit
 
     lightning_cli([command, *argv])
+    leave_together_at_exit()
     return 0
 
 

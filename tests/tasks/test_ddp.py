@@ -500,6 +500,7 @@ from pathlib import Path
 
 import torch
 
+from mobilenets.tasks.distributed import leave_together_at_exit
 from mobilenets.tasks.teacher import Teacher, cached_teacher_outputs
 
 torch.distributed.init_process_group("gloo")
@@ -526,10 +527,7 @@ second = cached_teacher_outputs(teacher, paths, "counting", make_batch, cache_di
 record = {"ran": ran, "built": first.built, "outputs": first.outputs.tolist()}
 record.update(ran_again=seen, built_again=second.built)
 (report / f"rank{rank}.json").write_text(json.dumps(record))
-# leave together: rank 0 holds the rendezvous store, and a process whose peer's store vanished while its own
-# gloo threads still ran aborted ("terminate called without an active exception"), in 2 of 4 runs one day
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+leave_together_at_exit()  # as the CLI does: one process leaving first made the other abort at exit
 '''
 
 
@@ -643,3 +641,40 @@ def test_json_shards_merge_in_image_order(tmp_path: Path) -> None:
     merge_json_shards(shards, tmp_path / "d.json", order=itemgetter("image_id"))
     merged = json.loads((tmp_path / "d.json").read_text())
     assert [(d["image_id"], d["s"]) for d in merged] == [(0, 1), (0, 2), (1, 4), (3, 5), (4, 3)]
+
+
+LEAVE_SCRIPT = '''"""Two processes leave: rank 1 finishes 2 s after rank 0; argv = report folder."""
+
+import atexit
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mobilenets.tasks.distributed import leave_together_at_exit
+
+report = Path(sys.argv[1])
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+# registered first, so it runs after leave_together_at_exit's handler (atexit runs last-in first-out)
+atexit.register(lambda: (report / f"exit{rank}.txt").write_text(repr(time.time())))
+leave_together_at_exit()
+leave_together_at_exit()  # once per process, however often it is called
+if rank == 1:
+    time.sleep(2)
+(report / f"done{rank}.txt").write_text(repr(time.time()))
+'''
+
+
+@pytest.mark.slow
+def test_processes_leave_together_and_exit_cleanly(probe: Path, tmp_path: Path) -> None:
+    script = tmp_path / "leave_job.py"
+    script.write_text(LEAVE_SCRIPT)
+    report = tmp_path / "report"
+    report.mkdir()
+    launch(probe, [str(script), str(report)], "torchrun", tmp_path / "launch")  # fails unless both exit 0
+    stamp = {p.stem: float(p.read_text()) for p in report.iterdir()}
+    assert set(stamp) == {"done0", "done1", "exit0", "exit1"}
+    assert stamp["exit0"] >= stamp["done1"]  # rank 0 waited for rank 1 before it left
+    assert not torch.distributed.is_initialized()  # this process was never part of it
