@@ -73,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam learning rate of --qat-epochs (%(default)g)",
     )
     parser.add_argument(
-        "--no-bias-correction",
-        dest="bias_correction",
-        action="store_false",
-        help="skip int8 bias correction (each layer's bias cancels the mean shift int8 rounding adds to its "
-        "output, measured on the calibration images; on by default)",
+        "--bias-correction",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="int8 bias correction: each layer's bias cancels the mean shift int8 rounding adds to its output, "
+        "measured on the calibration images; auto quantises with and without it and keeps the one that agrees "
+        "more on the held-out images (default %(default)s)",
     )
     return parser
 
@@ -91,8 +92,8 @@ def main(argv: list[str]) -> int:
         parser.error("--int8 needs --calibration DIR")
     if args.qat_epochs and not args.int8:
         parser.error("--qat-epochs needs --int8")
-    if not args.bias_correction and not args.int8:
-        parser.error("--no-bias-correction needs --int8")
+    if args.bias_correction != "auto" and not args.int8:
+        parser.error("--bias-correction needs --int8")
     if args.qat_epochs < 0 or not args.qat_lr > 0:
         parser.error("--qat-epochs must be 0 or more and --qat-lr above 0")
     # a killed export (no ``finally`` ran) leaves its hidden temporary beside the output: this export owns

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import json
 import math
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -761,6 +762,9 @@ def quantize_onnx(
     return report
 
 
+BiasCorrection = Literal["auto", "on", "off"]
+
+
 def export_int8(
     task: nn.Module,
     out: str | Path,
@@ -771,44 +775,63 @@ def export_int8(
     weight_bits: WeightBits | None = None,
     qat_epochs: int = 0,
     qat_lr: float = DEFAULT_QAT_LR,
-    bias_correction: bool = True,
+    bias_correction: BiasCorrection = "auto",
 ) -> ExportResult:
     """Float ONNX export (verified), then int8 quantisation calibrated on ``calibration_paths`` and checked
     on ``heldout_paths``; only the int8 model is written to ``out``.
 
     Before quantisation the folded network is prepared for int8 on the calibration images
     (``export_for_int8``): with ``qat_epochs`` > 0 fine-tuned through int8 fake quantisation towards its own
-    float outputs, and with ``bias_correction`` its biases corrected for the mean shift of int8 rounding. The
-    agreement is always measured against the original float export."""
+    float outputs, and with ``bias_correction`` "on" its biases corrected for the mean shift of int8
+    rounding. "auto" quantises it both ways and keeps the one that agrees more with float on the held-out
+    images (bias correction on a tie): with Google's weights it lowers the mean KL divergence at every width
+    but flips a few more close calls than it saves at 0.75. The agreement is always measured against the
+    original float export."""
     out = Path(out)
     if qat_epochs < 0:
         raise ExportError(f"--qat-epochs must be 0 or more, got {qat_epochs}")
+    if bias_correction not in ("auto", "on", "off"):
+        raise ExportError(f"bias correction must be auto, on or off, got {bias_correction!r}")
     bits = int8_weight_bits() if weight_bits is None else weight_bits
     with tempfile.TemporaryDirectory(prefix="mobilenets-export-") as work:
         float_result = export_onnx(task, Path(work) / "float.onnx", tolerance)
         metadata = float_result.metadata
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)
-        to_quantize = float_result.path
-        extra = {"int8_bias_correction": str(bias_correction).lower()}
-        if qat_epochs:
-            extra |= {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"}
-        if qat_epochs or bias_correction:
-            to_quantize = Path(work) / "prepared.onnx"
-            export_for_int8(
-                task,
-                float_result.path,
-                to_quantize,
-                calibration,
-                bits,
-                qat_epochs,
-                qat_lr,
-                bias_correction,
-                tolerance,
+        qat = {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"} if qat_epochs else {}
+        candidates = []
+        for corrected in {"on": (True,), "off": (False,), "auto": (True, False)}[bias_correction]:
+            source = float_result.path
+            if qat_epochs or corrected:
+                source = Path(work) / f"prepared-{corrected}.onnx"
+                export_for_int8(
+                    task,
+                    float_result.path,
+                    source,
+                    calibration,
+                    bits,
+                    qat_epochs,
+                    qat_lr,
+                    corrected,
+                    tolerance,
+                )
+            quantized = Path(work) / f"int8-{corrected}.onnx"
+            chosen = ("on" if corrected else "off") + (" (auto)" if bias_correction == "auto" else "")
+            extra = {**qat, "int8_bias_correction": chosen}
+            report = quantize_onnx(
+                source, quantized, calibration, heldout, 0.0, bits, float_result.path, extra
             )
-        report = quantize_onnx(
-            to_quantize, out, calibration, heldout, min_agreement, bits, float_result.path, extra
-        )
+            candidates.append((report.value, corrected, quantized, report))
+        value, corrected, quantized, report = max(candidates, key=lambda c: (c[0], c[1]))
+        if len(candidates) > 1:
+            other = next(c[0] for c in candidates if c[1] != corrected)
+            print(
+                f"int8 bias correction {'kept' if corrected else 'left out'}: {value:.4f} against {other:.4f}"
+            )
+        if not value >= min_agreement:
+            raise AgreementError(f"{out}: {report.summary()} is below the floor {min_agreement}; not written")
+        with atomic_path(out) as tmp:
+            shutil.copyfile(quantized, tmp)
     return ExportResult(
         out,
         "onnx int8",

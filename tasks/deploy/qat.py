@@ -1,5 +1,5 @@
 """Preparing a network for int8 with ONNX Runtime's scheme simulated in PyTorch (``fake_quantized``): bias
-correction (``correct_bias``, on by default in ``mobilenets export --int8``) and quantisation-aware
+correction (``correct_bias``, ``mobilenets export --int8 --bias-correction``) and quantisation-aware
 fine-tuning (``qat_finetune``, ``--qat-epochs N``), each on the calibration images, with no labels.
 
 Post-training int8 of MobileNet v1 loses most at small widths: at 0.25-128 with Google's weights, top-1
@@ -49,28 +49,39 @@ BIAS_CORRECTION_IMAGES = 64
 GRID_TOLERANCE = 1e-3
 
 
+def _smallest_gap(magnitudes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Smallest step between sorted ``magnitudes`` along the last axis (from 0 up), ignoring steps of at
+    most ``noise``; inf where there is none."""
+    gaps = torch.diff(magnitudes, dim=-1, prepend=torch.zeros_like(magnitudes[..., :1]))
+    return torch.where(gaps > noise, gaps, torch.full_like(gaps, float("inf"))).amin(-1)
+
+
 def grid_weight_scales(weight: torch.Tensor | np.ndarray, bound: int) -> torch.Tensor | None:
     """Per-output-channel scales that re-quantise a weight losslessly where it already lies on a grid, else
     None.
 
     Weights read from an int8 file (Google's official ``_quant.tflite`` MobileNets, the built-in
-    ``official:`` weights) are integer multiples of one step per tensor. Max-based scales (max |w| / bound)
-    would round them a second time onto another grid: at 0.25-128 that second rounding costs more than all
-    the activations' (mean KL from float 0.055 against 0.004). Each channel whose integers fit in
-    [-bound, bound] takes the step itself, so it is exact; the rest take their max-based scale."""
+    ``official:`` weights) are integer multiples of one step per tensor, or per channel (per-channel files,
+    or once batch norm re-estimated on them is folded in). Max-based scales (max |w| / bound) would round them
+    a second time onto another grid: at 0.25-128 that second rounding costs more than all the activations'
+    (mean KL from float 0.055 against 0.004). Each channel takes the tensor's step, else its own, where its
+    weights are integer multiples of it within [-bound, bound], so it is exact; the rest take their
+    max-based scale."""
     w = torch.from_numpy(np.array(weight, np.float64)) if isinstance(weight, np.ndarray) else weight.double()
     w = w.detach().flatten(1)
-    magnitudes = torch.unique(w.abs())
-    magnitudes = magnitudes[magnitudes > 0]
-    if len(magnitudes) < 2:
-        return None
-    step = float(torch.diff(torch.cat([magnitudes.new_zeros(1), magnitudes])).min())
-    steps = w / step
-    if float((steps - steps.round()).abs().max()) > GRID_TOLERANCE:
-        return None
     largest = w.abs().amax(1)
-    fits = (largest / step).round() <= bound
-    return torch.where(fits, torch.full_like(largest, step), (largest / bound).clamp_min(1e-12)).float()
+    noise = 1e-6 * largest  # float32 rounding of folded weights that were equal
+    tensor_step = _smallest_gap(torch.unique(w.abs()), noise.max())
+    channel_steps = _smallest_gap(w.abs().sort(1).values, noise[:, None])
+    scales = (largest / bound).clamp_min(1e-12)
+    exact = torch.zeros(len(w), dtype=torch.bool)
+    for step in (tensor_step.expand(len(w)), channel_steps):
+        ratio = w / step[:, None]
+        on_grid = (ratio - ratio.round()).abs().amax(1) <= GRID_TOLERANCE
+        fits = step.isfinite() & on_grid & ((largest / step).round() <= bound) & ~exact
+        scales = torch.where(fits, step, scales)
+        exact |= fits
+    return scales.float() if bool(exact.any()) else None
 
 
 class _PerChannelWeightFakeQuant(nn.Module):

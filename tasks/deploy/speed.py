@@ -720,7 +720,7 @@ def litert_report(
                 export_onnx(adapter, float_path)
             int8_paths: dict[Path, str] = {}
             reports = []
-            # what ``export --int8`` writes: bias-corrected, then quantised; with the exact but slower 8-bit
+            # as ``export --int8 --bias-correction on`` writes it; with the exact but slower 8-bit
             # weights beside where the CPU has no VNNI
             for bits in sorted({int8_weight_bits(), 8}):
                 prepared, int8_path = work / f"{alpha}.{bits}.onnx", work / f"{alpha}.int8-{bits}bit.onnx"

@@ -111,14 +111,17 @@ def test_cli_records_qat_in_the_metadata_and_refuses_it_without_int8(
     metadata = onnx_metadata(out)
     assert metadata["int8_qat_epochs"] == "1"
     assert metadata["int8_qat_lr"] == "0.0001"
-    assert metadata["int8_bias_correction"] == "true"
-    assert cli_main([*argv, "--no-bias-correction", "--min-agreement", "0"]) == 0
-    assert onnx_metadata(out)["int8_bias_correction"] == "false"
-    assert "int8_qat_epochs" not in onnx_metadata(out)
+    assert metadata["int8_bias_correction"] in ("on (auto)", "off (auto)")
+    kept = "kept" if metadata["int8_bias_correction"] == "on (auto)" else "left out"
+    assert f"int8 bias correction {kept}: " in capsys.readouterr().out  # quantised both ways, the better kept
+    for choice in ("on", "off"):
+        assert cli_main([*argv, "--bias-correction", choice, "--min-agreement", "0"]) == 0
+        assert onnx_metadata(out)["int8_bias_correction"] == choice
+        assert "int8_qat_epochs" not in onnx_metadata(out)
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--no-bias-correction"])
+        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--bias-correction", "off"])
     assert exit_info.value.code == 2
-    assert "--no-bias-correction needs --int8" in capsys.readouterr().err
+    assert "--bias-correction needs --int8" in capsys.readouterr().err
 
 
 def _conv_means(network: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

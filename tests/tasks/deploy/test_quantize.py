@@ -178,8 +178,13 @@ def test_grid_weight_scales_take_the_grid_step_where_the_integers_fit() -> None:
     expected = [step] * 6
     expected[1] = 200 * step / 127  # max-based: its integers do not fit
     assert torch.allclose(scales.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)
-    seven_bit = grid_weight_scales((integers * step).float(), 64)
-    assert seven_bit is not None and not torch.allclose(seven_bit.double()[0], torch.tensor(step).double())
+    assert grid_weight_scales((integers * step).float(), 64) is None  # no channel fits 7 bits: max-based
+    # a grid of its own per channel, as batch norm re-estimated on int8 weights and folded in gives
+    channel_steps = torch.linspace(0.01, 0.05, 6, dtype=torch.float64)
+    per_channel = grid_weight_scales(
+        (integers.clamp(-100, 100) * channel_steps[:, None, None, None]).float(), 127
+    )
+    assert per_channel is not None and torch.allclose(per_channel.double(), channel_steps, rtol=1e-5)
     off_grid = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     assert grid_weight_scales(off_grid, 127) is None
 
