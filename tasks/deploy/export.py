@@ -799,22 +799,26 @@ def export_int8(
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)
         qat = {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"} if qat_epochs else {}
+        choices = {"on": (True,), "off": (False,), "auto": (True, False)}[bias_correction]
+        sources = {corrected: Path(work) / f"prepared-{corrected}.onnx" for corrected in choices}
+        if not qat_epochs:
+            sources[False] = float_result.path
+        if qat_epochs or True in choices:  # one fine-tuning serves both choices
+            export_for_int8(
+                task,
+                float_result.path,
+                sources.get(True, sources[False]),
+                calibration,
+                bits,
+                qat_epochs,
+                qat_lr,
+                True in choices,
+                tolerance,
+                uncorrected_out=sources[False] if qat_epochs and len(choices) == 2 else None,
+            )
         candidates = []
-        for corrected in {"on": (True,), "off": (False,), "auto": (True, False)}[bias_correction]:
-            source = float_result.path
-            if qat_epochs or corrected:
-                source = Path(work) / f"prepared-{corrected}.onnx"
-                export_for_int8(
-                    task,
-                    float_result.path,
-                    source,
-                    calibration,
-                    bits,
-                    qat_epochs,
-                    qat_lr,
-                    corrected,
-                    tolerance,
-                )
+        for corrected in choices:
+            source = sources[corrected]
             quantized = Path(work) / f"int8-{corrected}.onnx"
             chosen = ("on" if corrected else "off") + (" (auto)" if bias_correction == "auto" else "")
             extra = {**qat, "int8_bias_correction": chosen}
@@ -875,11 +879,13 @@ def export_for_int8(
     bias_correction: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     log: Callable[[str], None] = print,
+    uncorrected_out: Path | None = None,
 ) -> ExportResult:
     """The task's folded network prepared for int8 on ``calibration`` and exported (float) to ``out``:
     fine-tuned through fake quantisation for ``qat_epochs`` (``qat_finetune``), then with its biases
-    corrected for the mean shift of int8 rounding (``correct_bias``). The layers ``quantize_onnx`` keeps in
-    float (``float_layers`` of ``float_path``) are left out of both."""
+    corrected for the mean shift of int8 rounding (``correct_bias``); the fine-tuned network before the
+    correction also goes to ``uncorrected_out`` when given. The layers ``quantize_onnx`` keeps in float
+    (``float_layers`` of ``float_path``) are left out of both."""
     _, folded, metadata = prepare_module(task)
     kept = float_layers(float_path)
     network = folded
@@ -902,6 +908,8 @@ def export_for_int8(
             lr=qat_lr,
             log=log,
         )
+    if uncorrected_out is not None:
+        export_onnx(_Tuned(network, metadata), uncorrected_out, tolerance)
     if bias_correction:
         network = correct_bias(
             network, calibration, weight_bits, torch_modules_of(network, kept), reference=folded, log=log
