@@ -1,6 +1,7 @@
 """What the tasks need from ``torch.distributed`` under DDP, in one place: this process's rank, gathering
-Python objects from every process, waiting for all of them, and leaving together at exit. Outside a process group (one process)
-each is the trivial single-process answer, so callers need no ``if distributed`` of their own.
+Python objects from every process, waiting for all of them, and leaving together at exit. Outside a process
+group (one process) each is the trivial single-process answer, so callers need no ``if distributed`` of
+their own.
 
 Shared tool of the tasks (teacher caches, gathered metrics, merged predict outputs); not a task itself.
 """
