@@ -19,7 +19,6 @@ T = TypeVar("T")
 
 #: How long a process waits at exit for the others before it destroys the process group anyway.
 EXIT_TIMEOUT = datetime.timedelta(seconds=120)
-_leave_registered = False
 
 
 def is_distributed() -> bool:
@@ -70,8 +69,6 @@ def leave_together_at_exit() -> None:
     ``EXIT_TIMEOUT``), then destroy the group. Lightning leaves the group alive; a process that then
     exited while its peer's gloo threads still talked to it made the peer abort ("terminate called without
     an active exception", exit code -6) after a finished run, in 2 of 4 test runs of one day."""
-    global _leave_registered
-    if _leave_registered or not is_distributed():
-        return
-    atexit.register(_leave_together)
-    _leave_registered = True
+    if is_distributed():
+        atexit.unregister(_leave_together)  # registered once, however often this is called
+        atexit.register(_leave_together)

@@ -825,14 +825,15 @@ def export_int8(
             report = quantize_onnx(
                 source, quantized, calibration, heldout, 0.0, bits, float_result.path, extra
             )
-            candidates.append((report.value, corrected, quantized, report))
-        value, corrected, quantized, report = max(candidates, key=lambda c: (c[0], c[1]))
+            candidates.append((report, corrected, quantized))
+        report, corrected, quantized = max(candidates, key=lambda c: (c[0].value, c[1]))
         if len(candidates) > 1:
-            other = next(c[0] for c in candidates if c[1] != corrected)
+            other = next(c[0].value for c in candidates if c[1] != corrected)
             print(
-                f"int8 bias correction {'kept' if corrected else 'left out'}: {value:.4f} against {other:.4f}"
+                f"int8 bias correction {'kept' if corrected else 'left out'}: "
+                f"{report.value:.4f} against {other:.4f}"
             )
-        if not value >= min_agreement:
+        if not report.value >= min_agreement:
             raise AgreementError(f"{out}: {report.summary()} is below the floor {min_agreement}; not written")
         with atomic_path(out) as tmp:
             shutil.copyfile(quantized, tmp)
