@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "measured on the calibration images; auto quantises with and without it and keeps the one that agrees "
         "more on the held-out images (default %(default)s)",
     )
+    parser.add_argument(
+        "--float-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="below --min-agreement, keep the shortest run of first convolutions in float that meets it on "
+        "the held-out images (found by bisection; recorded as int8_float_fallback) instead of refusing "
+        "(default on)",
+    )
     return parser
 
 
@@ -94,6 +102,8 @@ def main(argv: list[str]) -> int:
         parser.error("--qat-epochs needs --int8")
     if args.bias_correction != "auto" and not args.int8:
         parser.error("--bias-correction needs --int8")
+    if not args.float_fallback and not args.int8:
+        parser.error("--no-float-fallback needs --int8")
     if args.qat_epochs < 0 or not args.qat_lr > 0:
         parser.error("--qat-epochs must be 0 or more and --qat-lr above 0")
     # a killed export (no ``finally`` ran) leaves its hidden temporary beside the output: this export owns
@@ -118,6 +128,7 @@ def main(argv: list[str]) -> int:
             args.qat_epochs,
             args.qat_lr,
             args.bias_correction,
+            args.float_fallback,
         )
     elif args.format == "onnx":
         result = export_onnx(task, args.out, args.tolerance)

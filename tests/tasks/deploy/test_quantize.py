@@ -13,17 +13,22 @@ from onnx import numpy_helper
 from torch import nn
 
 from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.classification import ImageClassifier
 from mobilenets.tasks.cli import main as cli_main
 from mobilenets.tasks.deploy import export as export_module
 from mobilenets.tasks.deploy.export import (
+    AgreementReport,
     ExportError,
+    conv_layers,
     cpu_flags,
     export_onnx,
     int8_weight_bits,
     onnx_metadata,
     quantize_onnx,
+    run_onnx,
     sample_inputs,
+    shortest_float_prefix,
     unquantized_layers,
 )
 from mobilenets.tasks.deploy.qat import grid_weight_scales
@@ -220,3 +225,70 @@ def test_weights_that_lie_on_a_grid_are_quantised_exactly(tmp_path: Path) -> Non
     assert compared == 25
     quantize_onnx(float_path, out, images, images, min_agreement=0.0, weight_bits=8, grid_weights=False)
     assert onnx_metadata(out)["int8_grid_weight_layers"] == "0"
+
+
+def test_the_shortest_float_prefix_is_found_by_bisection() -> None:
+    tried: list[int] = []
+
+    def quantize(count: int) -> tuple[AgreementReport, Path]:
+        tried.append(count)
+        return AgreementReport("logits", "top-1 agreement", 1.0 if count >= 9 else 0.9, 10), Path(f"{count}")
+
+    report, path = shortest_float_prefix(quantize, 2, 26, 0.99)
+    assert path == Path("9") and report.value == 1.0
+    assert tried[0] == 26 and len(tried) <= 6  # the longest first, then halving 24 counts
+    tried.clear()
+    assert shortest_float_prefix(lambda c: quantize(c - 20), 2, 26, 0.99) is None
+    assert tried == [6]  # the longest fell short: nothing more to search
+
+
+def test_a_float_prefix_keeps_the_first_convolutions_in_float_and_comes_closer(
+    float_model: Path, tmp_path: Path
+) -> None:
+    images = sample_inputs(SIZE, 8).numpy()
+    reference = run_onnx(export_module.ort_session(float_model), images)[0]
+    convs = conv_layers(float_model)
+    errors = []
+    for count in (2, 14, 26):
+        out = tmp_path / f"int8-{count}.onnx"
+        quantize_onnx(float_model, out, images, images, min_agreement=0.0, weight_bits=8, float_prefix=count)
+        kept = onnx_metadata(out)["int8_float_layers"].split(",")
+        assert kept[:count] == convs[:count] and len(kept) == count + 1  # and the classifier
+        assert len(unquantized_layers(out, kept)) == 0
+        errors.append(float(np.abs(run_onnx(export_module.ort_session(out), images)[0] - reference).mean()))
+    assert errors[2] < errors[1] < errors[0]
+
+
+def test_cli_keeps_first_layers_in_float_until_the_floor_is_met(
+    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = ImageClassifier(num_classes=3, width_mult=0.25, input_size=SIZE)
+    ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
+    folder = tmp_path / "calibration"
+    make_calibration_patterns(folder, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
+    real_quantize = export_module.quantize_onnx
+
+    def agreeing_from_nine(
+        *args: object, float_prefix: int | None = None, **kwargs: object
+    ) -> AgreementReport:
+        # the real quantisation, its agreement told: the floor is met from 9 float layers on
+        report = real_quantize(*args, float_prefix=float_prefix, **kwargs)  # type: ignore[arg-type]
+        met = float_prefix is not None and float_prefix >= 9
+        return AgreementReport(report.kind, report.measure, 1.0 if met else 0.5, report.images)
+
+    monkeypatch.setattr(export_module, "quantize_onnx", agreeing_from_nine)
+    out = tmp_path / "int8.onnx"
+    argv = ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--int8", "--calibration", str(folder)]
+    assert cli_main([*argv, "--min-agreement", "0.99"]) == 0
+    assert "is below the floor 0.99; searching" in capsys.readouterr().out
+    metadata = onnx_metadata(out)
+    convs = metadata["int8_float_layers"].split(",")[:-1]
+    assert len(convs) == 9 and metadata["int8_float_fallback"].startswith("first 9 of ")
+    assert convs == conv_layers(out)[:9]  # the written model is the one the search stopped at
+    out.unlink()
+    assert cli_main([*argv, "--min-agreement", "0.99", "--no-float-fallback"]) != 0
+    assert "is below the floor 0.99; not written" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--no-float-fallback"])
+    assert exit_info.value.code == 2
+    assert "--no-float-fallback needs --int8" in capsys.readouterr().err
