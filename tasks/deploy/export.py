@@ -509,7 +509,16 @@ def agreement(kind: str, reference: list[np.ndarray], quantized: list[np.ndarray
     n = len(reference[0])
     if kind == "logits":
         same = reference[0].argmax(1) == quantized[0].argmax(1)
-        return AgreementReport(kind, "top-1 agreement", float(same.mean()), n)
+        detail = ""
+        if not same.all():
+            # how close float's own call was on the flipped images: near-ties flip under any rounding
+            top_two = np.sort(reference[0][~same], axis=1)[:, -2:]
+            margins = top_two[:, 1] - top_two[:, 0]
+            detail = (
+                f"{len(margins)} flipped; float's top-two logit margin there: median {np.median(margins):.3f}, "
+                f"largest {margins.max():.3f}"
+            )
+        return AgreementReport(kind, "top-1 agreement", float(same.mean()), n, detail)
     if kind == "multilabel_logits":
         delta = float(np.abs(_sigmoid(reference[0]) - _sigmoid(quantized[0])).mean())
         return AgreementReport(kind, "1 − mean |Δ probability|", 1.0 - delta, n, f"mean |Δ| = {delta:.4f}")
@@ -912,6 +921,7 @@ def export_int8(
         if not report.value >= min_agreement and float_fallback and not qat_epochs:
             chosen = ("on" if corrected else "off") + (" (auto)" if bias_correction == "auto" else "")
             convs = conv_layers(float_result.path)
+            tried: dict[int, AgreementReport] = {}
 
             def with_float_prefix(count: int) -> tuple[AgreementReport, Path]:
                 quantized = Path(work) / f"int8-prefix-{count}.onnx"
@@ -932,6 +942,7 @@ def export_int8(
                 log(
                     f"int8 float fallback: first {count} of {len(convs)} convolutions in float: {found.summary()}"
                 )
+                tried[count] = found
                 return found, quantized
 
             log(f"int8 float fallback: {report.summary()} is below the floor {min_agreement:g}; searching")
@@ -940,9 +951,11 @@ def export_int8(
                 with_float_prefix, len(entry_layers(float_result.path)), len(convs) - 1, min_agreement
             )
             if found is None:
+                last = tried[len(convs) - 1]
                 raise AgreementError(
-                    f"{out}: {report.summary()} is below the floor {min_agreement}, and so with all but the "
-                    f"last of the {len(convs)} convolutions in float; not written (export it without --int8)"
+                    f"{out}: {report.summary()} is below the floor {min_agreement}, and so is {last.value:.4f} "
+                    f"({last.detail}) with all but the last of the {len(convs)} convolutions in float; not "
+                    "written (export it without --int8)"
                 )
             report, quantized = found
         if not report.value >= min_agreement:

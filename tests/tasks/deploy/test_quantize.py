@@ -286,9 +286,22 @@ def test_cli_keeps_first_layers_in_float_until_the_floor_is_met(
     assert len(convs) == 9 and metadata["int8_float_fallback"].startswith("first 9 of ")
     assert convs == conv_layers(out)[:9]  # the written model is the one the search stopped at
     out.unlink()
+    assert cli_main([*argv, "--min-agreement", "1.01"]) != 0  # met by no float prefix
+    error = capsys.readouterr().err
+    assert "with all but the last of the 27 convolutions in float" in error  # MobileNet v1: 27
+    assert "not written (export it without --int8)" in error and not out.exists()
     assert cli_main([*argv, "--min-agreement", "0.99", "--no-float-fallback"]) != 0
     assert "is below the floor 0.99; not written" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--no-float-fallback"])
     assert exit_info.value.code == 2
     assert "--no-float-fallback needs --int8" in capsys.readouterr().err
+
+
+def test_top1_agreement_tells_how_close_float_was_on_the_flipped_images() -> None:
+    reference = np.array([[2.0, 1.0, 0.0], [1.0, 1.02, 0.0], [0.0, 3.0, 2.7], [5.0, 0.0, 0.0]], np.float32)
+    quantized = np.array([[2.0, 1.0, 0.0], [1.03, 1.0, 0.0], [0.0, 2.9, 2.95], [5.0, 0.0, 0.0]], np.float32)
+    report = export_module.agreement("logits", [reference], [quantized])
+    assert report.value == 0.5
+    assert report.detail == "2 flipped; float's top-two logit margin there: median 0.160, largest 0.300"
+    assert export_module.agreement("logits", [reference], [reference]).detail == ""
