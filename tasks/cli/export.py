@@ -51,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of held-out images for the agreement check (default: every "
         "5th calibration image, then not used for calibration)",
     )
-    parser.add_argument("--min-agreement", type=float, default=0.99, help="refuse int8 below this agreement")
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        help="int8's floor of agreement with float on the held-out images; below it the float fallback, or "
+        "with --no-float-fallback nothing is written (default %(default)s)",
+    )
     parser.add_argument(
         "--int8-weight-bits",
         type=int,
