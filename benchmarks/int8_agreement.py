@@ -11,9 +11,10 @@ Photos: ``cat.bmp`` and ``bird.bmp`` beside the official files and the photos of
 (``pip install scikit-image``). Calibration and fine-tuning use crops of some photos; the agreement is
 measured on crops, flips and rescalings of the other photos, never seen by either. Besides agreement on all
 held-out crops, the table gives it on the crops the float model is confident about (top-1 probability ≥
-``--confident``), since a crop no class fits flips on any rounding. The first row of each width is that
-noise floor: the float model itself, fed the same crops with uniform noise of ±``--noise`` grey levels (less
-than two JPEG decoders or resizers differ by).
+``--confident``), since a crop no class fits flips on any rounding. The first rows of each width are our
+float export itself and the noise floor: the float model fed the same crops with uniform noise of
+±``--noise`` grey levels (less than two JPEG decoders or resizers differ by). Where every held-out photo's
+name ends in ``_<ImageNet class index>`` (foolbox's do), the last column is top-1 accuracy against it.
 
     pip install scikit-image ai-edge-litert
     python benchmarks/int8_agreement.py [--widths 0.25,0.5,0.75] [--qat-epochs 10] [--weight-bits 8]
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +66,7 @@ from mobilenets.tasks.deploy.speed import (
     real_photos,
 )
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 #: Positions in ``real_photos`` held out (cat.bmp, then two of skimage's photos when it is installed).
 HELD_OUT = (0, 3, 6)
 
@@ -78,7 +81,7 @@ def centre_crops(folder: Path, size: int, fraction: float = 0.875) -> np.ndarray
     to ``size``) and flipped: a (2N, 3, size, size) batch in [-1, 1]."""
     from PIL import Image
 
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
     if not paths:
         raise SystemExit(f"{folder}: no .jpg, .png or .bmp photos")
     batch = []
@@ -92,6 +95,16 @@ def centre_crops(folder: Path, size: int, fraction: float = 0.875) -> np.ndarray
         pixels = pixels.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
         batch += [pixels, pixels[:, :, ::-1]]
     return np.ascontiguousarray(np.stack(batch))
+
+
+def labels_in_names(folder: Path) -> np.ndarray | None:
+    """ImageNet class indices from names ending in ``_<index>`` (foolbox's ``imagenet_03_990.jpg``), one per
+    image of ``centre_crops`` (each photo and its flip); None unless every photo is named so."""
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    found = [re.search(r"_(\d+)$", p.stem) for p in paths]
+    if not paths or not all(found):
+        return None
+    return np.repeat([int(match.group(1)) for match in found if match], 2)
 
 
 def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
@@ -152,6 +165,7 @@ def main() -> None:
         raise SystemExit(f"needs {max(HELD_OUT) + 1} photos, found {len(photos)}: pip install scikit-image")
     calibration_photos = [p for i, p in enumerate(photos) if i not in HELD_OUT]
     heldout_photos = [photos[i] for i in HELD_OUT]
+    labels = None if args.heldout_photos is None else labels_in_names(args.heldout_photos)
     rows = []
     speeds: list = []
     for alpha in (float(a) for a in args.widths.split(",")):
@@ -178,6 +192,7 @@ def main() -> None:
             noise = np.random.default_rng(3).uniform(-1, 1, heldout.shape).astype(np.float32)
             noisy = run_onnx(ort_session(float_path), heldout + noise * (args.noise / 127.5))[0]
             results = {
+                "our float export (the reference)": reference,
                 f"float, input ±{args.noise:g} grey levels (noise floor)": noisy,
                 "LiteRT, Google's uint8 file (peer)": LiteRTModel(path, args.threads).outputs(heldout),
             }
@@ -245,6 +260,7 @@ def main() -> None:
                     top1_agreement(reference, outputs, confident),
                     len(confident),
                     None if "LiteRT" in label else mean_kl(reference, outputs),
+                    None if labels is None else float((outputs.argmax(1) == labels).mean()),
                 )
             )
     held = (
@@ -257,12 +273,14 @@ def main() -> None:
         f"calibrate); {bits}-bit weights, QAT lr {args.qat_lr:g}; {platform.machine()} ({cpu_isa()})"
     )
     print(
-        f"| model | int8 | all crops | crops with float p ≥ {args.confident:g} | confident crops | mean KL |"
+        f"| model | int8 | all crops | crops with float p ≥ {args.confident:g} | confident crops | mean KL "
+        "| top-1 accuracy (labels in the file names) |"
     )
-    print("|---|---|---:|---:|---:|---:|")
-    for model_name, label, whole, sure, count, kl in rows:
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for model_name, label, whole, sure, count, kl, accuracy in rows:
         divergence = "– (8-bit probabilities)" if kl is None else f"{kl:.4f}"
-        print(f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} | {divergence} |")
+        correct = "–" if accuracy is None else f"{accuracy:.3f}"
+        print(f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} | {divergence} | {correct} |")
     if speeds:
         print(f"\nbatch 1, 1 thread, alternating; {platform.machine()} ({cpu_isa()})")
         print("| model | runtime | img/s | vs LiteRT |")
