@@ -42,16 +42,13 @@ from mobilenets.backbone.mobilenet import MobileNetV1
 from mobilenets.backbone.weights import load_pretrained
 from mobilenets.tasks.deploy.export import (
     DEFAULT_QAT_LR,
-    conv_layers,
-    entry_layers,
     export_for_int8,
     export_onnx,
     int8_weight_bits,
     ort_session,
     quantize_onnx,
-    quantize_with_float_prefix,
     run_onnx,
-    shortest_float_prefix,
+    search_float_prefix,
 )
 from mobilenets.tasks.deploy.speed import (
     DEFAULT_TFLITE_DIR,
@@ -111,34 +108,6 @@ def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
     """Mean KL divergence of ``other``'s softmax from ``reference``'s: closeness finer than top-1."""
     p, q = torch.from_numpy(reference).log_softmax(1), torch.from_numpy(other).log_softmax(1)
     return float((p.exp() * (p - q)).sum(1).mean())
-
-
-def float_fallback(
-    adapter: torch.nn.Module,
-    float_path: Path,
-    calibration: np.ndarray,
-    heldout: np.ndarray,
-    bits: int,
-    corrected: bool,
-    floor: float,
-    name: str,
-) -> tuple[int, Path] | None:
-    """``export --int8``'s float fallback: (the count of first convolutions in float, the int8 model)."""
-    counts: dict[Path, int] = {}
-
-    def quantize(count: int) -> tuple:
-        out = float_path.with_name(f"prefix-{count}.onnx")
-        counts[out] = count
-        report = quantize_with_float_prefix(
-            adapter, float_path, out, calibration, heldout, bits, count, corrected
-        )
-        print(f"{name}: first {count} convolutions in float: {report.summary()}", flush=True)
-        return report, out
-
-    found = shortest_float_prefix(
-        quantize, len(entry_layers(float_path)), len(conv_layers(float_path)) - 1, floor
-    )
-    return None if found is None else (counts[found[1]], found[1])
 
 
 def main() -> None:
@@ -231,18 +200,14 @@ def main() -> None:
             corrected = auto is pair[0]
             default = f"ours int8, post-training, grid weights{' + bias correction' if corrected else ''}"
             if top1_agreement(reference, auto) < args.floor:
-                convs = conv_layers(float_path)
-                name = f"{alpha} MobileNet-{size}"
-                found = float_fallback(
-                    adapter, float_path, calibration, heldout, bits, corrected, args.floor, name
+                found = search_float_prefix(
+                    adapter, float_path, work, calibration, heldout, bits, corrected, args.floor
                 )
-                if found is None:
+                if found.path is None:
                     print(f"{alpha}: float fallback: not even all but the last convolution in float meets it")
                 else:
-                    count, fallback_path = found
-                    label = (
-                        f"ours int8, float fallback to {args.floor:g}: first {count} of {len(convs)} float"
-                    )
+                    fallback_path = found.path
+                    label = f"ours int8, float fallback to {args.floor:g}: first {found.count} of {found.total} float"
                     results[label] = run_onnx(ort_session(fallback_path), heldout)[0]
                     image = heldout[:1]
                     runs = [
@@ -250,7 +215,9 @@ def main() -> None:
                         ("int8 default", _session_runner(ort_session(written[default], 1), image)),
                         ("float fallback", _session_runner(ort_session(fallback_path, 1), image)),
                     ]
-                    speeds += measure_alternating(f"{alpha} MobileNet-{size}, first {count} float", runs)
+                    speeds += measure_alternating(
+                        f"{alpha} MobileNet-{size}, first {found.count} float", runs
+                    )
         for label, outputs in results.items():
             rows.append(
                 (

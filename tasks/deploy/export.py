@@ -817,24 +817,68 @@ def quantize_with_float_prefix(
     )
 
 
-def shortest_float_prefix(
-    quantize: Callable[[int], tuple[AgreementReport, Path]], fails: int, most: int, floor: float
-) -> tuple[AgreementReport, Path] | None:
-    """Bisection for the shortest run of first layers kept in float whose int8 model meets ``floor``:
-    ``quantize(count)`` quantises with the first ``count`` in float; ``fails`` is a count known to fall
-    short, ``most`` the largest to try. None if even ``most`` falls short."""
-    best = quantize(most)
-    if not best[0].value >= floor:
+def shortest_float_prefix(meets: Callable[[int], bool], fails: int, most: int) -> int | None:
+    """Bisection for the shortest run of first layers kept in float whose int8 model meets the floor:
+    ``meets(count)`` quantises with the first ``count`` in float and says whether it does; ``fails`` is a
+    count known to fall short, ``most`` the largest to try. None if even ``most`` falls short."""
+    if not meets(most):
         return None
-    meets = most
-    while meets - fails > 1:
-        middle = (fails + meets) // 2
-        found = quantize(middle)
-        if found[0].value >= floor:
-            meets, best = middle, found
+    while most - fails > 1:
+        middle = (fails + most) // 2
+        if meets(middle):
+            most = middle
         else:
             fails = middle
-    return best
+    return most
+
+
+@dataclass(frozen=True)
+class FloatFallback:
+    """What the float fallback found: with the first ``count`` of the ``total`` convolutions in float the
+    int8 model at ``path`` agrees as ``report`` says; ``count`` and ``path`` are None when not even all but
+    the last in float met the floor, and ``report`` is then theirs."""
+
+    count: int | None
+    total: int
+    report: AgreementReport
+    path: Path | None
+
+
+def search_float_prefix(
+    task: nn.Module,
+    float_path: Path,
+    work: Path,
+    calibration: np.ndarray,
+    heldout: np.ndarray,
+    bits: WeightBits,
+    bias_correction: bool,
+    floor: float,
+    extra_metadata: dict[str, str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log: Callable[[str], None] = print,
+) -> FloatFallback:
+    """``export_int8``'s float fallback: the shortest run of first convolutions kept in float
+    (``quantize_with_float_prefix``, each step's model written to ``work``) whose int8 model meets ``floor``
+    on ``heldout``, by bisection (``shortest_float_prefix``) from ``entry_layers`` up to all but the last
+    convolution (all of them in float is no int8 model). The metadata records it as ``int8_float_fallback``."""
+    total = len(conv_layers(float_path))
+    tried: dict[int, tuple[AgreementReport, Path]] = {}
+
+    def meets(count: int) -> bool:
+        out = work / f"int8-prefix-{count}.onnx"
+        fallback = f"first {count} of {total} convolutions in float (floor {floor:g})"
+        extra = {**(extra_metadata or {}), "int8_float_fallback": fallback}
+        report = quantize_with_float_prefix(
+            task, float_path, out, calibration, heldout, bits, count, bias_correction, extra, tolerance
+        )
+        log(f"int8 float fallback: first {count} of {total} convolutions in float: {report.summary()}")
+        tried[count] = (report, out)
+        return report.value >= floor
+
+    count = shortest_float_prefix(meets, len(entry_layers(float_path)), total - 1)
+    if count is None:
+        return FloatFallback(None, total, tried[total - 1][0], None)
+    return FloatFallback(count, total, *tried[count])
 
 
 def export_int8(
@@ -885,6 +929,9 @@ def export_int8(
         heldout = preprocess_images(heldout_paths, metadata)
         qat = {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"} if qat_epochs else {}
         choices = {"on": (True,), "off": (False,), "auto": (True, False)}[bias_correction]
+        labels = {
+            c: ("on" if c else "off") + (" (auto)" if bias_correction == "auto" else "") for c in choices
+        }
         sources = {corrected: Path(work) / f"prepared-{corrected}.onnx" for corrected in choices}
         if not qat_epochs:
             sources[False] = float_result.path
@@ -905,8 +952,7 @@ def export_int8(
         for corrected in choices:
             source = sources[corrected]
             quantized = Path(work) / f"int8-{corrected}.onnx"
-            chosen = ("on" if corrected else "off") + (" (auto)" if bias_correction == "auto" else "")
-            extra = {**qat, "int8_bias_correction": chosen}
+            extra = {**qat, "int8_bias_correction": labels[corrected]}
             report = quantize_onnx(
                 source, quantized, calibration, heldout, 0.0, bits, float_result.path, extra
             )
@@ -919,45 +965,27 @@ def export_int8(
                 f"{report.value:.4f} against {other:.4f}"
             )
         if not report.value >= min_agreement and float_fallback and not qat_epochs:
-            chosen = ("on" if corrected else "off") + (" (auto)" if bias_correction == "auto" else "")
-            convs = conv_layers(float_result.path)
-            tried: dict[int, AgreementReport] = {}
-
-            def with_float_prefix(count: int) -> tuple[AgreementReport, Path]:
-                quantized = Path(work) / f"int8-prefix-{count}.onnx"
-                fallback = f"first {count} of {len(convs)} convolutions in float (floor {min_agreement:g})"
-                extra = {"int8_bias_correction": chosen, "int8_float_fallback": fallback}
-                found = quantize_with_float_prefix(
-                    task,
-                    float_result.path,
-                    quantized,
-                    calibration,
-                    heldout,
-                    bits,
-                    count,
-                    corrected,
-                    extra,
-                    tolerance,
-                )
-                log(
-                    f"int8 float fallback: first {count} of {len(convs)} convolutions in float: {found.summary()}"
-                )
-                tried[count] = found
-                return found, quantized
-
             log(f"int8 float fallback: {report.summary()} is below the floor {min_agreement:g}; searching")
-            # all of them in float is no int8 model: the search stops one short
-            found = shortest_float_prefix(
-                with_float_prefix, len(entry_layers(float_result.path)), len(convs) - 1, min_agreement
+            found = search_float_prefix(
+                task,
+                float_result.path,
+                Path(work),
+                calibration,
+                heldout,
+                bits,
+                corrected,
+                min_agreement,
+                {"int8_bias_correction": labels[corrected]},
+                tolerance,
+                log,
             )
-            if found is None:
-                last = tried[len(convs) - 1]
+            if found.path is None:
                 raise AgreementError(
-                    f"{out}: {report.summary()} is below the floor {min_agreement}, and so is {last.value:.4f} "
-                    f"({last.detail}) with all but the last of the {len(convs)} convolutions in float; not "
-                    "written (export it without --int8)"
+                    f"{out}: {report.summary()} is below the floor {min_agreement}, and so is "
+                    f"{found.report.value:.4f} ({found.report.detail}) with all but the last of the "
+                    f"{found.total} convolutions in float; not written (export it without --int8)"
                 )
-            report, quantized = found
+            report, quantized = found.report, found.path
         if not report.value >= min_agreement:
             why = " (--qat-epochs has no float fallback)" if qat_epochs and float_fallback else ""
             raise AgreementError(

@@ -230,15 +230,14 @@ def test_weights_that_lie_on_a_grid_are_quantised_exactly(tmp_path: Path) -> Non
 def test_the_shortest_float_prefix_is_found_by_bisection() -> None:
     tried: list[int] = []
 
-    def quantize(count: int) -> tuple[AgreementReport, Path]:
+    def meets(count: int) -> bool:
         tried.append(count)
-        return AgreementReport("logits", "top-1 agreement", 1.0 if count >= 9 else 0.9, 10), Path(f"{count}")
+        return count >= 9
 
-    report, path = shortest_float_prefix(quantize, 2, 26, 0.99)
-    assert path == Path("9") and report.value == 1.0
+    assert shortest_float_prefix(meets, 2, 26) == 9
     assert tried[0] == 26 and len(tried) <= 6  # the longest first, then halving 24 counts
     tried.clear()
-    assert shortest_float_prefix(lambda c: quantize(c - 20), 2, 26, 0.99) is None
+    assert shortest_float_prefix(lambda c: meets(c - 20), 2, 26) is None
     assert tried == [6]  # the longest fell short: nothing more to search
 
 
