@@ -46,7 +46,13 @@ from mobilenets.backbone.mobilenet import Conv2dSame
 from mobilenets.datasets.atomic import atomic_path
 from mobilenets.datasets.images import load_rgb
 from mobilenets.datasets.transforms import ClassificationTransform
-from mobilenets.tasks.deploy.qat import DEFAULT_QAT_LR, correct_bias, grid_weight_scales, qat_finetune
+from mobilenets.tasks.deploy.qat import (
+    DEFAULT_QAT_LR,
+    correct_bias,
+    grid_weight_scales,
+    qat_finetune,
+    weight_bound,
+)
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -738,7 +744,7 @@ def quantize_onnx(
         except Exception:  # pre-processing is an optimisation; quantise the plain export instead
             prepared = float_path
         kept = float_layers(prepared, float_prefix)
-        overrides = grid_weight_overrides(prepared, 127 if bits == 8 else 64, kept) if grid_weights else {}
+        overrides = grid_weight_overrides(prepared, weight_bound(bits), kept) if grid_weights else {}
         with atomic_path(out) as tmp:
             try:
                 quantize_static(
@@ -1048,8 +1054,7 @@ def export_for_int8(
     kept = float_layers(float_path, float_prefix)
     network = folded
     if qat_epochs:
-        bound = 127 if weight_bits == 8 else 64
-        on_grid = grid_weight_overrides(float_path, bound, kept)
+        on_grid = grid_weight_overrides(float_path, weight_bound(weight_bits), kept)
         if on_grid:
             log(
                 f"note: {len(on_grid)} layers' weights lie on an int8 grid and would be quantised exactly; "

@@ -49,6 +49,14 @@ BIAS_CORRECTION_IMAGES = 64
 GRID_TOLERANCE = 1e-3
 
 
+def weight_bound(bits: int) -> int:
+    """The largest integer magnitude of a symmetric int8 weight of ``bits``: 127 for 8 bits, 64 for 7 (ONNX
+    Runtime's ``reduce_range``)."""
+    if bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {bits!r}")
+    return 127 if bits == 8 else 64
+
+
 def _smallest_gap(magnitudes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Smallest step between sorted ``magnitudes`` along the last axis (from 0 up), ignoring steps of at
     most ``noise``; inf where there is none."""
@@ -165,8 +173,7 @@ def fake_quantized(
     With ``grid_weights``, a weight that lies on a grid is rounded on it (``grid_weight_scales``), as
     ``quantize_onnx`` rounds it; fine-tuning, which moves the weights off any grid, turns it off.
     Yields (teacher's, student's) fake-quantised convolutions in order; leaves no fake quantisation behind."""
-    if weight_bits not in (7, 8):
-        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits!r}")
+    bound = weight_bound(weight_bits)
     kept_ids = {id(m) for m in kept}
     pairs = [
         (t, s)
@@ -175,7 +182,6 @@ def fake_quantized(
     ]
     layers = [s for _, s in pairs]
     ranges = input_ranges(teacher, [t for t, _ in pairs], images, batch_size)
-    bound = 127 if weight_bits == 8 else 64
     handles = []
     try:
         for layer, (low, high) in zip(layers, ranges):
