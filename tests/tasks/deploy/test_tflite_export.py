@@ -40,14 +40,22 @@ def test_without_litert_torch_the_error_says_which_extra_to_install(
     assert list(tmp_path.iterdir()) == []
 
 
+def converter_raising(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """A stand-in for litert-torch whose ``convert`` raises ``error``."""
+
+    def convert(module: nn.Module, args: tuple) -> None:
+        raise error
+
+    monkeypatch.setitem(sys.modules, "litert_torch", types.SimpleNamespace(convert=convert))
+
+
 def test_an_operator_the_converter_cannot_lower_is_quoted_and_nothing_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # litert-torch 0.10's own message for this network (measured with the real converter)
-    def convert(module: nn.Module, args: tuple) -> None:
-        raise NotImplementedError("Only 1D FFT on the last dimension is currently supported.\nmore")
-
-    monkeypatch.setitem(sys.modules, "litert_torch", types.SimpleNamespace(convert=convert))
+    converter_raising(
+        monkeypatch, NotImplementedError("Only 1D FFT on the last dimension is currently supported.\nmore")
+    )
     out = tmp_path / "model.tflite"
     with pytest.raises(
         ExportError,
@@ -68,10 +76,7 @@ class ListOutput(Spectral):
 def test_a_network_outside_the_export_contract_is_refused_before_conversion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def convert(module: nn.Module, args: tuple) -> None:
-        raise AssertionError("the converter must not be reached")
-
-    monkeypatch.setitem(sys.modules, "litert_torch", types.SimpleNamespace(convert=convert))
+    converter_raising(monkeypatch, AssertionError("the converter must not be reached"))
     out = tmp_path / "model.tflite"
     with pytest.raises(ExportError, match=r"must return a tensor or a tuple of tensors, got list"):
         export_tflite(ListOutput().eval(), out)
