@@ -791,38 +791,6 @@ def quantize_onnx(
 BiasCorrection = Literal["auto", "on", "off"]
 
 
-def quantize_with_float_prefix(
-    task: nn.Module,
-    float_path: Path,
-    out: Path,
-    calibration: np.ndarray,
-    heldout: np.ndarray,
-    bits: WeightBits,
-    float_prefix: int,
-    bias_correction: bool,
-    extra_metadata: dict[str, str] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> AgreementReport:
-    """``quantize_onnx`` with the first ``float_prefix`` convolutions in float, the biases of the rest
-    corrected first when ``bias_correction`` (``export_for_int8``); writes ``out`` whatever the agreement."""
-    source = float_path
-    if bias_correction:
-        source = out.with_name(f"{out.stem}-prepared.onnx")
-        export_for_int8(
-            task,
-            float_path,
-            source,
-            calibration,
-            bits,
-            tolerance=tolerance,
-            log=lambda _: None,
-            float_prefix=float_prefix,
-        )
-    return quantize_onnx(
-        source, out, calibration, heldout, 0.0, bits, float_path, extra_metadata, float_prefix=float_prefix
-    )
-
-
 def shortest_float_prefix(meets: Callable[[int], bool], fails: int, most: int) -> int | None:
     """Bisection for the shortest run of first layers kept in float whose int8 model meets the floor:
     ``meets(count)`` quantises with the first ``count`` in float and says whether it does; ``fails`` is a
@@ -863,10 +831,11 @@ def search_float_prefix(
     tolerance: float = DEFAULT_TOLERANCE,
     log: Callable[[str], None] = print,
 ) -> FloatFallback:
-    """``export_int8``'s float fallback: the shortest run of first convolutions kept in float
-    (``quantize_with_float_prefix``, each step's model written to ``work``) whose int8 model meets ``floor``
-    on ``heldout``, by bisection (``shortest_float_prefix``) from ``entry_layers`` up to all but the last
-    convolution (all of them in float is no int8 model). The metadata records it as ``int8_float_fallback``."""
+    """``export_int8``'s float fallback: the shortest run of first convolutions kept in float whose int8
+    model meets ``floor`` on ``heldout``, by bisection (``shortest_float_prefix``) from ``entry_layers`` up
+    to all but the last convolution (all of them in float is no int8 model). Each step corrects the biases
+    of the rest first when ``bias_correction`` (``export_for_int8``), quantises (``quantize_onnx``) and
+    writes its model to ``work``. The metadata records it as ``int8_float_fallback``."""
     total = len(conv_layers(float_path))
     tried: dict[int, tuple[AgreementReport, Path]] = {}
 
@@ -874,8 +843,21 @@ def search_float_prefix(
         out = work / f"int8-prefix-{count}.onnx"
         fallback = f"first {count} of {total} convolutions in float (floor {floor:g})"
         extra = {**(extra_metadata or {}), "int8_float_fallback": fallback}
-        report = quantize_with_float_prefix(
-            task, float_path, out, calibration, heldout, bits, count, bias_correction, extra, tolerance
+        source = float_path
+        if bias_correction:
+            source = work / f"prefix-{count}.onnx"
+            export_for_int8(
+                task,
+                float_path,
+                source,
+                calibration,
+                bits,
+                tolerance=tolerance,
+                log=lambda _: None,
+                float_prefix=count,
+            )
+        report = quantize_onnx(
+            source, out, calibration, heldout, 0.0, bits, float_path, extra, float_prefix=count
         )
         log(f"int8 float fallback: first {count} of {total} convolutions in float: {report.summary()}")
         tried[count] = (report, out)
