@@ -659,15 +659,37 @@ class LiteRTModel:
 
 
 def measure_alternating(
-    model: str, runs: Sequence[tuple[str, Callable[[], object]]], repeats: int = 100, rounds: int = 5
+    model: str,
+    runs: Sequence[tuple[str, Callable[[], object]]],
+    repeats: int = 100,
+    rounds: int = 5,
+    per_pass: int | None = None,
 ) -> list[SpeedRow]:
     """Batch-1 rows for several runtimes timed in alternating rounds (a noisy machine slows all alike);
-    every row after the first carries its ratio to the first (the peer)."""
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(rounds):
-        for i, (_, run) in enumerate(runs):
-            times[i] += time_calls(run, max(repeats // rounds, 1), warmup=3)
-    rows = [speed_row(model, name, times[i], None) for i, (name, _) in enumerate(runs)]
+    every row after the first carries its ratio to the first (the peer).
+
+    With ``per_pass``, each run goes round that many images whose calls may differ in cost (a routed
+    model answers some in int8, some in float too), so a median call would hide the slow ones: each round
+    times ``per_pass`` calls whole, and the row's images/s is the median over rounds."""
+    if per_pass is not None:
+        rates: list[list[float]] = [[] for _ in runs]
+        for _ in range(rounds):
+            for i, (_, run) in enumerate(runs):
+                run()
+                started = time.perf_counter()
+                for _ in range(per_pass):
+                    run()
+                rates[i].append(per_pass / (time.perf_counter() - started))
+        rows = [
+            SpeedRow(model, name, statistics.median(rates[i]), None, None, None)
+            for i, (name, _) in enumerate(runs)
+        ]
+    else:
+        times: list[list[float]] = [[] for _ in runs]
+        for _ in range(rounds):
+            for i, (_, run) in enumerate(runs):
+                times[i] += time_calls(run, max(repeats // rounds, 1), warmup=3)
+        rows = [speed_row(model, name, times[i], None) for i, (name, _) in enumerate(runs)]
     return [rows[0]] + [
         replace(r, vs_peer=_ratio(r.images_per_s_b1, rows[0].images_per_s_b1)) for r in rows[1:]
     ]
