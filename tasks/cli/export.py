@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.99,
         help="int8's floor of agreement with float on the held-out images; below it the float fallback, or "
-        "with --no-float-fallback nothing is written (default %(default)s)",
+        "with --float-fallback off nothing is written (default %(default)s)",
     )
     parser.add_argument(
         "--int8-weight-bits",
@@ -88,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--float-fallback",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="below --min-agreement, keep the shortest run of first convolutions in float that meets it on "
-        "the held-out images (found by bisection; recorded as int8_float_fallback) instead of refusing "
-        "(default on)",
+        choices=("auto", "close-calls", "first-layers", "off"),
+        default="auto",
+        help="below --min-agreement, let float answer part of the work instead of refusing: close-calls "
+        "hands float the images whose int8 top-two logit margin is narrow (classifiers); first-layers keeps "
+        "the shortest run of first convolutions in float that meets the floor (found by bisection); both "
+        "are chosen on the held-out images and recorded as int8_float_fallback; auto: close-calls for "
+        "classifiers, first-layers otherwise (default %(default)s)",
     )
     return parser
 
@@ -108,8 +110,8 @@ def main(argv: list[str]) -> int:
         parser.error("--qat-epochs needs --int8")
     if args.bias_correction != "auto" and not args.int8:
         parser.error("--bias-correction needs --int8")
-    if not args.float_fallback and not args.int8:
-        parser.error("--no-float-fallback needs --int8")
+    if args.float_fallback != "auto" and not args.int8:
+        parser.error("--float-fallback needs --int8")
     if args.qat_epochs < 0 or not args.qat_lr > 0:
         parser.error("--qat-epochs must be 0 or more and --qat-lr above 0")
     # a killed export (no ``finally`` ran) leaves its hidden temporary beside the output: this export owns

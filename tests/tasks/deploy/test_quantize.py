@@ -278,6 +278,7 @@ def test_cli_keeps_first_layers_in_float_until_the_floor_is_met(
     monkeypatch.setattr(export_module, "quantize_onnx", agreeing_from_nine)
     out = tmp_path / "int8.onnx"
     argv = ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--int8", "--calibration", str(folder)]
+    argv += ["--float-fallback", "first-layers"]
     assert cli_main([*argv, "--min-agreement", "0.99"]) == 0
     assert "is below the floor 0.99; searching" in capsys.readouterr().out
     metadata = onnx_metadata(out)
@@ -289,12 +290,12 @@ def test_cli_keeps_first_layers_in_float_until_the_floor_is_met(
     error = capsys.readouterr().err
     assert "with all but the last of the 27 convolutions in float" in error  # MobileNet v1: 27
     assert "not written (export it without --int8)" in error and not out.exists()
-    assert cli_main([*argv, "--min-agreement", "0.99", "--no-float-fallback"]) != 0
+    assert cli_main([*argv, "--min-agreement", "0.99", "--float-fallback", "off"]) != 0
     assert "is below the floor 0.99; not written" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--no-float-fallback"])
+        cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--float-fallback", "off"])
     assert exit_info.value.code == 2
-    assert "--no-float-fallback needs --int8" in capsys.readouterr().err
+    assert "--float-fallback needs --int8" in capsys.readouterr().err
 
 
 def test_top1_agreement_tells_how_close_float_was_on_the_flipped_images() -> None:

@@ -1,0 +1,139 @@
+"""Close-call routing: an int8 classifier whose narrow calls the float model answers, in one ONNX graph, and
+``export --int8``'s fallback that chooses the margin on the held-out images."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mobilenets.backbone.mobilenet import MobileNetV1
+from mobilenets.datasets.images import images_in_folder
+from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
+from mobilenets.tasks.classification import ImageClassifier
+from mobilenets.tasks.cli import main as cli_main
+from mobilenets.tasks.deploy.close_calls import (
+    close_call_margin,
+    route_close_calls,
+    routed_share,
+    top_two_margins,
+)
+from mobilenets.tasks.deploy.export import (
+    export_onnx,
+    onnx_metadata,
+    ort_session,
+    preprocess_images,
+    quantize_onnx,
+    run_onnx,
+    sample_inputs,
+)
+from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_
+
+SIZE = 32
+
+
+def test_the_margin_hands_every_flipped_image_to_float() -> None:
+    reference = np.array([[2.0, 1.0, 0.0], [1.0, 1.2, 0.0], [0.0, 3.0, 2.7], [5.0, 0.0, 4.0]], np.float32)
+    quantized = np.array([[2.0, 1.5, 0.0], [1.3, 1.0, 0.0], [0.0, 2.9, 2.95], [5.0, 0.0, 4.0]], np.float32)
+    assert top_two_margins(quantized) == pytest.approx([0.5, 0.3, 0.05, 1.0])
+    margin = close_call_margin(reference, quantized)
+    # rows 1 and 2 flipped, with int8 margins 0.3 and 0.05: the margin lies just above 0.3
+    assert margin is not None and 0.3 < margin < 0.3001
+    assert routed_share(quantized, margin) == 0.5  # rows 1 and 2; row 0 (0.5) keeps int8
+    assert close_call_margin(reference, reference) is None
+    tie = np.array([[1.0, 1.0]], np.float32)
+    assert close_call_margin(np.array([[0.0, 1.0]], np.float32), tie) > 0  # a tie is routed too
+
+
+@pytest.fixture(scope="module")
+def float_and_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    torch.manual_seed(0)
+    network = MobileNetV1(num_classes=50, width_mult=0.25, activation="relu6").eval()
+    delta_orthogonal_(network)
+    folder = tmp_path_factory.mktemp("routing")
+    float_path, int8_path = folder / "float.onnx", folder / "int8.onnx"
+    export_onnx(_ExportAdapter(network, SIZE), float_path)
+    images = sample_inputs(SIZE, 24).numpy()
+    quantize_onnx(float_path, int8_path, images, images, min_agreement=0.0, weight_bits=8)
+    return float_path, int8_path, images
+
+
+def test_the_routed_graph_takes_float_exactly_on_the_close_calls(
+    float_and_int8: tuple[Path, Path, np.ndarray], tmp_path: Path
+) -> None:
+    float_path, int8_path, images = float_and_int8
+    reference = run_onnx(ort_session(float_path), images)[0]
+    quantized = run_onnx(ort_session(int8_path), images)[0]
+    margins = top_two_margins(quantized)
+    middle = float(np.median(margins))
+    for margin, expected_float_rows in ((0.0, np.zeros(len(images), bool)), (middle, margins < middle)):
+        out = tmp_path / f"routed-{margin}.onnx"
+        model = route_close_calls(onnx.load(str(int8_path)), onnx.load(str(float_path)), margin)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(out))
+        session = ort_session(out)
+        routed = run_onnx(session, images)[0]
+        assert 0 < expected_float_rows.sum() < len(images) or margin == 0.0
+        np.testing.assert_array_equal(routed[expected_float_rows], reference[expected_float_rows])
+        np.testing.assert_array_equal(routed[~expected_float_rows], quantized[~expected_float_rows])
+        # an image's answer does not depend on its batch
+        one_by_one = np.concatenate([run_onnx(session, images[i : i + 1])[0] for i in range(len(images))])
+        np.testing.assert_allclose(one_by_one, routed, atol=1e-5)
+        assert [o.name for o in session.get_outputs()] == ["output"]
+    assert onnx_metadata(out) == onnx_metadata(int8_path)
+
+
+def test_cli_routes_close_calls_of_a_classifier_to_float(
+    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    # 100 classes of an untrained network: its logits lie close together, so int8 flips many
+    task = ImageClassifier(num_classes=100, width_mult=0.25, input_size=SIZE)
+    ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
+    calibration, heldout = tmp_path / "calibration", tmp_path / "heldout"
+    make_calibration_patterns(calibration, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
+    make_calibration_patterns(heldout, per_class=4, num_classes=5, size=SIZE + 8, seed=4)
+    out = tmp_path / "int8.onnx"
+    argv = [
+        "export",
+        "--ckpt_path",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--int8",
+        "--calibration",
+        str(calibration),
+    ]
+    argv += ["--heldout", str(heldout), "--min-agreement", "1.0"]
+    assert cli_main([*argv, "--float-fallback", "off"]) != 0
+    assert "is below the floor 1.0; not written" in capsys.readouterr().err and not out.exists()
+    assert cli_main(argv) == 0
+    assert "routing close calls" in capsys.readouterr().out
+    metadata = onnx_metadata(out)
+    assert metadata["int8_float_fallback"].startswith(
+        "float on close calls: int8 top-two logit margin below "
+    )
+    assert float(metadata["int8_close_call_margin"]) > 0
+    images = preprocess_images(images_in_folder(heldout, "held-out"), metadata)
+    float_path = tmp_path / "float.onnx"
+    assert cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(float_path)]) == 0
+    reference = run_onnx(ort_session(float_path), images)[0]
+    np.testing.assert_array_equal(run_onnx(ort_session(out), images)[0].argmax(1), reference.argmax(1))
+
+
+def test_close_calls_need_a_classifier(
+    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    from mobilenets.tasks.faces.embedding import FaceEmbedder
+
+    ckpt = save_checkpoint(FaceEmbedder(width_mult=0.25, input_size=SIZE), tmp_path / "faces.ckpt")
+    folder = tmp_path / "calibration"
+    make_calibration_patterns(folder, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
+    argv = ["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "int8.onnx"), "--int8"]
+    argv += ["--calibration", str(folder), "--float-fallback", "close-calls"]
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err
+    assert "close-calls needs a classifier's logits; this model's output_kind is embedding" in error
+    assert "Traceback" not in error
