@@ -29,10 +29,12 @@ For example the 20 ImageNet validation photos that foolbox ships (ImageNet's non
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,7 @@ from mobilenets.tasks.deploy.export import (
     DEFAULT_QAT_LR,
     export_for_int8,
     export_onnx,
+    fallback_to_float_on_close_calls,
     int8_weight_bits,
     ort_session,
     quantize_onnx,
@@ -66,6 +69,12 @@ from mobilenets.tasks.deploy.speed import (
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 #: Positions in ``real_photos`` held out (cat.bmp, then two of skimage's photos when it is installed).
 HELD_OUT = (0, 3, 6)
+
+
+def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """One call of ``calls`` per call, round and round (one per held-out image)."""
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
 
 
 def top1_agreement(reference: np.ndarray, other: np.ndarray, rows: np.ndarray | None = None) -> float:
@@ -122,6 +131,12 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="grey levels of the noise-floor row")
     parser.add_argument("--floor", type=float, default=0.99, help="agreement floor of the float fallback row")
     parser.add_argument(
+        "--test-photos",
+        type=Path,
+        help="a folder of real photos never used to choose a fallback (centre-cropped, and flipped): "
+        "each row's agreement there too",
+    )
+    parser.add_argument(
         "--heldout-photos",
         type=Path,
         help="a folder of other real photos to hold out instead (each centre-cropped, and flipped)",
@@ -151,11 +166,14 @@ def main() -> None:
             heldout = photo_variants(heldout_photos, size, 300, seed=2)
         else:
             heldout = centre_crops(args.heldout_photos, size)
+        test = None if args.test_photos is None else centre_crops(args.test_photos, size)
         with tempfile.TemporaryDirectory(prefix="mobilenets-agreement-") as work_dir:
             work = Path(work_dir)
             float_path = work / "float.onnx"
             export_onnx(adapter, float_path)
             reference = run_onnx(ort_session(float_path), heldout)[0]
+            test_reference = None if test is None else run_onnx(ort_session(float_path), test)[0]
+            on_test: dict[str, float] = {}
             probabilities = torch.from_numpy(reference).softmax(1).numpy()
             confident = np.flatnonzero(probabilities.max(1) >= args.confident)
             noise = np.random.default_rng(3).uniform(-1, 1, heldout.shape).astype(np.float32)
@@ -199,25 +217,58 @@ def main() -> None:
             results["ours int8, --bias-correction auto (default)"] = auto
             corrected = auto is pair[0]
             default = f"ours int8, post-training, grid weights{' + bias correction' if corrected else ''}"
+            fallbacks: dict[str, Path] = {}
             if top1_agreement(reference, auto) < args.floor:
+                close_calls = work / "int8-close-calls.onnx"
+                report = fallback_to_float_on_close_calls(
+                    float_path, written[default], close_calls, heldout, args.floor
+                )
+                fallbacks[f"ours int8, float fallback to {args.floor:g}: close calls ({report.detail})"] = (
+                    close_calls
+                )
                 found = search_float_prefix(
                     adapter, float_path, work, calibration, heldout, bits, corrected, args.floor
                 )
                 if found.path is None:
                     print(f"{alpha}: float fallback: not even all but the last convolution in float meets it")
                 else:
-                    fallback_path = found.path
-                    label = f"ours int8, float fallback to {args.floor:g}: first {found.count} of {found.total} float"
-                    results[label] = run_onnx(ort_session(fallback_path), heldout)[0]
-                    image = heldout[:1]
-                    runs = [
-                        ("LiteRT", LiteRTModel(path, 1).runner(image[0])),
-                        ("int8 default", _session_runner(ort_session(written[default], 1), image)),
-                        ("float fallback", _session_runner(ort_session(fallback_path, 1), image)),
-                    ]
-                    speeds += measure_alternating(
-                        f"{alpha} MobileNet-{size}, first {found.count} float", runs
+                    fallbacks[
+                        f"ours int8, float fallback to {args.floor:g}: first {found.count} of {found.total} float"
+                    ] = found.path
+            for label, fallback_path in fallbacks.items():
+                results[label] = run_onnx(ort_session(fallback_path), heldout)[0]
+            if test is not None:
+                for label, model_path in {
+                    "our float export (the reference)": float_path,
+                    **written,
+                    **fallbacks,
+                }.items():
+                    on_test[label] = top1_agreement(
+                        test_reference, run_onnx(ort_session(model_path), test)[0]
                     )
+                on_test["ours int8, --bias-correction auto (default)"] = on_test[default]
+                on_test["LiteRT, Google's uint8 file (peer)"] = top1_agreement(
+                    test_reference, LiteRTModel(path, args.threads).outputs(test)
+                )
+            if fallbacks:
+                # a routed model's speed depends on the images: every runner goes round all held-out images
+                lite = LiteRTModel(path, 1)
+                runs = [("LiteRT", cycling([lite.runner(image) for image in heldout]))]
+                models = {
+                    "int8 default": written[default],
+                    **{k.split(": ", 1)[1]: v for k, v in fallbacks.items()},
+                }
+                for name, model_path in models.items():
+                    session = ort_session(model_path, 1)
+                    runs.append(
+                        (
+                            name,
+                            cycling(
+                                [_session_runner(session, heldout[i : i + 1]) for i in range(len(heldout))]
+                            ),
+                        )
+                    )
+                speeds += measure_alternating(f"{alpha} MobileNet-{size}", runs, per_pass=len(heldout))
         for label, outputs in results.items():
             rows.append(
                 (
@@ -228,6 +279,7 @@ def main() -> None:
                     len(confident),
                     None if "LiteRT" in label else mean_kl(reference, outputs),
                     None if labels is None else float((outputs.argmax(1) == labels).mean()),
+                    on_test.get(label),
                 )
             )
     held = (
@@ -241,13 +293,16 @@ def main() -> None:
     )
     print(
         f"| model | int8 | all crops | crops with float p ≥ {args.confident:g} | confident crops | mean KL "
-        "| top-1 accuracy (labels in the file names) |"
+        "| top-1 accuracy (labels in the file names) | agreement on --test-photos |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for model_name, label, whole, sure, count, kl, accuracy in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for model_name, label, whole, sure, count, kl, accuracy, tested in rows:
         divergence = "– (8-bit probabilities)" if kl is None else f"{kl:.4f}"
         correct = "–" if accuracy is None else f"{accuracy:.3f}"
-        print(f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} | {divergence} | {correct} |")
+        test_cell = "–" if tested is None else f"{tested:.3f}"
+        print(
+            f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} | {divergence} | {correct} | {test_cell} |"
+        )
     if speeds:
         print(f"\nbatch 1, 1 thread, alternating; {platform.machine()} ({cpu_isa()})")
         print("| model | runtime | img/s | vs LiteRT |")
