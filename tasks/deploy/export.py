@@ -879,7 +879,6 @@ def fallback_to_float_on_close_calls(
     out: Path,
     heldout: np.ndarray,
     floor: float,
-    extra_metadata: dict[str, str] | None = None,
 ) -> AgreementReport:
     """``export_int8``'s float fallback for classifiers: the int8 model at ``int8_path`` with the float one
     answering its close calls (``close_calls``), written to ``out``. The routing margin is just above the
@@ -900,7 +899,7 @@ def fallback_to_float_on_close_calls(
         f"({share:.1%} of the held-out images; floor {floor:g})"
     )
     extra = {"int8_float_fallback": fallback, "int8_close_call_margin": repr(margin)}
-    onnx.helper.set_model_props(model, {**metadata, **(extra_metadata or {}), **extra})
+    onnx.helper.set_model_props(model, {**metadata, **extra})
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     report = agreement("logits", [reference], run_onnx(ort_session(out), heldout))
@@ -1021,12 +1020,7 @@ def export_int8(
             )
             routed = Path(work) / "int8-close-calls.onnx"
             report = fallback_to_float_on_close_calls(
-                float_result.path,
-                quantized,
-                routed,
-                heldout,
-                min_agreement,
-                {"int8_bias_correction": labels[corrected]},
+                float_result.path, quantized, routed, heldout, min_agreement
             )
             quantized = routed
         elif below and fallback == "first-layers" and not qat_epochs:

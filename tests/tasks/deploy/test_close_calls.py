@@ -116,6 +116,9 @@ def test_cli_routes_close_calls_of_a_classifier_to_float(
         "float on close calls: int8 top-two logit margin below "
     )
     assert float(metadata["int8_close_call_margin"]) > 0
+    assert (
+        metadata["int8_weight_bits"] in ("7", "8") and "int8_bias_correction" in metadata
+    )  # the int8 file's
     images = preprocess_images(images_in_folder(heldout, "held-out"), metadata)
     float_path = tmp_path / "float.onnx"
     assert cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(float_path)]) == 0
