@@ -26,7 +26,8 @@ from mobilenets.tasks.attributes import AttributeModel
 from mobilenets.tasks.base import BaseTask
 from mobilenets.tasks.classification import ImageClassifier
 from mobilenets.tasks.deploy.export import export_onnx, ort_session, run_onnx
-from mobilenets.tasks.deploy.speed import cpu_isa, time_calls
+from mobilenets.tasks.deploy.speed import cpu_isa
+from mobilenets.tasks.deploy.timing import time_calls
 from mobilenets.tasks.faces.embedding import FaceEmbedder
 from mobilenets.tasks.geolocation import GeoClassifier
 from mobilenets.tasks.multitask import MultiTask

@@ -14,17 +14,16 @@ from PIL import Image
 from mobilenets.backbone.mobilenet import MobileNetV1
 from mobilenets.backbone.weights import load_pretrained
 from mobilenets.tasks.cli import main as cli_main
-from mobilenets.tasks.deploy import speed
+from mobilenets.tasks.deploy import speed, timing
 from mobilenets.tasks.deploy.export import export_onnx, sample_inputs
 from mobilenets.tasks.deploy.speed import (
     LiteRTModel,
-    SpeedRow,
     _ExportAdapter,
     cpu_isa,
     litert_report,
-    measure_alternating,
     photo_variants,
 )
+from mobilenets.tasks.deploy.timing import SpeedRow, measure_alternating
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -91,7 +90,7 @@ def test_alternating_rounds_time_every_runtime_in_turn_and_give_the_ratio_to_the
     def runner(name: str, seconds: float):
         return lambda: calls.append(name) or seconds
 
-    monkeypatch.setattr(speed, "time_calls", fake_time_calls)
+    monkeypatch.setattr(timing, "time_calls", fake_time_calls)
     rows = measure_alternating("m", [("peer", runner("peer", 0.004)), ("ours", runner("ours", 0.002))], 6, 3)
     assert calls == ["peer", "peer", "ours", "ours"] * 3
     assert [r.runtime for r in rows] == ["peer", "ours"]
@@ -110,7 +109,7 @@ def test_passes_count_the_slow_calls_a_median_call_would_hide(monkeypatch: pytes
 
         return call
 
-    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     # one call in four also runs float: 1 ms, 1 ms, 1 ms, 5 ms
     routed, plain = costing([0.001, 0.001, 0.001, 0.005]), costing([0.002])
     rows = measure_alternating("m", [("peer", plain), ("routed", routed)], rounds=3, per_pass=4)
