@@ -29,12 +29,11 @@ For example the 20 ImageNet validation photos that foolbox ships (ImageNet's non
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import platform
 import re
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,9 @@ from mobilenets.tasks.deploy.export import (
     export_for_int8,
     export_onnx,
     fallback_to_float_on_close_calls,
+    fastest_routed_fallback,
     int8_weight_bits,
+    onnx_metadata,
     ort_session,
     quantize_onnx,
     run_onnx,
@@ -60,21 +61,15 @@ from mobilenets.tasks.deploy.speed import (
     _ExportAdapter,
     _session_runner,
     cpu_isa,
-    measure_alternating,
     official_tflite,
     photo_variants,
     real_photos,
 )
+from mobilenets.tasks.deploy.timing import cycling, measure_alternating
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 #: Positions in ``real_photos`` held out (cat.bmp, then two of skimage's photos when it is installed).
 HELD_OUT = (0, 3, 6)
-
-
-def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
-    """One call of ``calls`` per call, round and round (one per held-out image)."""
-    turn = itertools.cycle(calls)
-    return lambda: next(turn)()
 
 
 def top1_agreement(reference: np.ndarray, other: np.ndarray, rows: np.ndarray | None = None) -> float:
@@ -226,6 +221,22 @@ def main() -> None:
                 fallbacks[f"ours int8, float fallback to {args.floor:g}: close calls ({report.detail})"] = (
                     close_calls
                 )
+                _, auto_path = fastest_routed_fallback(
+                    adapter,
+                    float_path,
+                    written[default],
+                    work,
+                    calibration,
+                    heldout,
+                    bits,
+                    corrected,
+                    args.floor,
+                    log=functools.partial(print, f"{alpha}:", flush=True),
+                )
+                auto_label = onnx_metadata(auto_path)["int8_float_fallback"].replace(
+                    f"; floor {args.floor:g}", ""
+                )
+                fallbacks[f"ours int8, float fallback to {args.floor:g}: auto, {auto_label}"] = auto_path
                 found = search_float_prefix(
                     adapter, float_path, work, calibration, heldout, bits, corrected, args.floor
                 )

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="below --min-agreement, let float answer part of the work instead of refusing: close-calls "
         "hands float the images whose int8 top-two logit margin is narrow (classifiers); first-layers keeps "
         "the shortest run of first convolutions in float that meets the floor (found by bisection); both "
-        "are chosen on the held-out images and recorded as int8_float_fallback; auto: close-calls for "
-        "classifiers, first-layers otherwise (default %(default)s)",
+        "are chosen on the held-out images and recorded as int8_float_fallback; auto: for classifiers the "
+        "fastest of close-calls on the int8 model and on those with a quarter or half of the first "
+        "convolutions in float (timed here, batch 1), first-layers otherwise (default %(default)s)",
     )
     return parser
 

@@ -54,6 +54,7 @@ from mobilenets.tasks.deploy.qat import (
     qat_finetune,
     weight_bound,
 )
+from mobilenets.tasks.deploy.timing import cycling, measure_alternating
 
 ExportFormat = Literal["onnx", "torchscript"]
 OutputKind = Literal["logits", "multilabel_logits", "embedding", "detection"]
@@ -819,6 +820,46 @@ class FloatFallback:
     path: Path | None
 
 
+def quantize_with_float_prefix(
+    task: nn.Module,
+    float_path: Path,
+    work: Path,
+    calibration: np.ndarray,
+    heldout: np.ndarray,
+    bits: WeightBits,
+    bias_correction: bool,
+    count: int,
+    extra_metadata: dict[str, str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> tuple[AgreementReport, Path]:
+    """The int8 model with the first ``count`` convolutions kept in float, in ``work``: the biases of the
+    rest corrected first when ``bias_correction`` (``export_for_int8``), then quantised (``quantize_onnx``);
+    ``int8_float_fallback`` in its metadata says how many are float. With its agreement on ``heldout``."""
+    total = len(conv_layers(float_path))
+    out = work / f"int8-prefix-{count}.onnx"
+    extra = {
+        **(extra_metadata or {}),
+        "int8_float_fallback": f"first {count} of {total} convolutions in float",
+    }
+    source = float_path
+    if bias_correction:
+        source = work / f"prefix-{count}.onnx"
+        export_for_int8(
+            task,
+            float_path,
+            source,
+            calibration,
+            bits,
+            tolerance=tolerance,
+            log=lambda _: None,
+            float_prefix=count,
+        )
+    report = quantize_onnx(
+        source, out, calibration, heldout, 0.0, bits, float_path, extra, float_prefix=count
+    )
+    return report, out
+
+
 def search_float_prefix(
     task: nn.Module,
     float_path: Path,
@@ -832,33 +873,25 @@ def search_float_prefix(
     tolerance: float = DEFAULT_TOLERANCE,
     log: Callable[[str], None] = print,
 ) -> FloatFallback:
-    """``export_int8``'s float fallback: the shortest run of first convolutions kept in float whose int8
-    model meets ``floor`` on ``heldout``, by bisection (``shortest_float_prefix``) from ``entry_layers`` up
-    to all but the last convolution (all of them in float is no int8 model). Each step corrects the biases
-    of the rest first when ``bias_correction`` (``export_for_int8``), quantises (``quantize_onnx``) and
-    writes its model to ``work``. The metadata records it as ``int8_float_fallback``."""
+    """``export_int8``'s first-layers fallback: the shortest run of first convolutions kept in float whose
+    int8 model meets ``floor`` on ``heldout``, by bisection (``shortest_float_prefix``) from
+    ``entry_layers`` up to all but the last convolution (all of them in float is no int8 model); each step
+    is ``quantize_with_float_prefix``, its model written to ``work``."""
     total = len(conv_layers(float_path))
     tried: dict[int, tuple[AgreementReport, Path]] = {}
 
     def meets(count: int) -> bool:
-        out = work / f"int8-prefix-{count}.onnx"
-        fallback = f"first {count} of {total} convolutions in float (floor {floor:g})"
-        extra = {**(extra_metadata or {}), "int8_float_fallback": fallback}
-        source = float_path
-        if bias_correction:
-            source = work / f"prefix-{count}.onnx"
-            export_for_int8(
-                task,
-                float_path,
-                source,
-                calibration,
-                bits,
-                tolerance=tolerance,
-                log=lambda _: None,
-                float_prefix=count,
-            )
-        report = quantize_onnx(
-            source, out, calibration, heldout, 0.0, bits, float_path, extra, float_prefix=count
+        report, out = quantize_with_float_prefix(
+            task,
+            float_path,
+            work,
+            calibration,
+            heldout,
+            bits,
+            bias_correction,
+            count,
+            extra_metadata,
+            tolerance,
         )
         log(f"int8 float fallback: first {count} of {total} convolutions in float: {report.summary()}")
         tried[count] = (report, out)
@@ -898,6 +931,8 @@ def fallback_to_float_on_close_calls(
         f"float on close calls: int8 top-two logit margin below {margin:.4g} "
         f"({share:.1%} of the held-out images; floor {floor:g})"
     )
+    if "int8_float_fallback" in metadata:  # first layers in float already
+        fallback = f"{metadata['int8_float_fallback']}, and {fallback}"
     extra = {"int8_float_fallback": fallback, "int8_close_call_margin": repr(margin)}
     onnx.helper.set_model_props(model, {**metadata, **extra})
     with atomic_path(out) as tmp:
@@ -905,6 +940,69 @@ def fallback_to_float_on_close_calls(
     report = agreement("logits", [reference], run_onnx(ort_session(out), heldout))
     routed = f"{share:.1%} of them to float"
     return replace(report, detail=f"{report.detail}; {routed}" if report.detail else routed)
+
+
+#: The runs of first convolutions ``--float-fallback auto`` keeps in float under a classifier's close-call
+#: routing, as shares of the convolutions (besides none). More in float narrows what must be routed: at
+#: 0.25-128 on 300 real photo crops, 22 % of the images with none, 15 % with a quarter, 5 % with half.
+ROUTED_PREFIX_SHARES = (0.25, 0.5)
+
+
+def fastest_routed_fallback(
+    task: nn.Module,
+    float_path: Path,
+    int8_path: Path,
+    work: Path,
+    calibration: np.ndarray,
+    heldout: np.ndarray,
+    bits: WeightBits,
+    bias_correction: bool,
+    floor: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log: Callable[[str], None] = print,
+) -> tuple[AgreementReport, Path]:
+    """``--float-fallback auto`` for classifiers: the int8 model at ``int8_path`` and those with the first
+    ``ROUTED_PREFIX_SHARES`` of the convolutions in float (``quantize_with_float_prefix``), each with its
+    close calls routed to float where it falls below ``floor`` (``fallback_to_float_on_close_calls``),
+    timed at batch 1 on one thread over the held-out images in alternating rounds; the fastest, with its
+    agreement. Which one is fastest depends on how many close calls each leaves and on the CPU, so it is
+    measured, not guessed."""
+    total = len(conv_layers(float_path))
+    models: dict[str, tuple[AgreementReport, Path]] = {}
+    for share in (0.0, *ROUTED_PREFIX_SHARES):
+        count = max(round(total * share), len(entry_layers(float_path)) + 1) if share else None
+        path = int8_path
+        report = None
+        if count is not None:
+            report, path = quantize_with_float_prefix(
+                task,
+                float_path,
+                work,
+                calibration,
+                heldout,
+                bits,
+                bias_correction,
+                count,
+                tolerance=tolerance,
+            )
+        label = f"{'none' if count is None else f'first {count}'} of {total} convolutions in float"
+        if report is None or not report.value >= floor:
+            routed = work / f"{path.stem}-close-calls.onnx"
+            report = fallback_to_float_on_close_calls(float_path, path, routed, heldout, floor)
+            label, path = f"{label}, close calls routed", routed
+        log(f"int8 float fallback: {label}: {report.summary()}")
+        models[label] = (report, path)
+    runs = []
+    for label, (_, path) in models.items():
+        session = ort_session(path, 1)
+        runs.append(
+            (label, cycling([functools.partial(run_onnx, session, image[None]) for image in heldout]))
+        )
+    rows = measure_alternating("float fallback", runs, rounds=3, per_pass=len(heldout))
+    for row in rows:
+        log(f"int8 float fallback: {row.runtime}: {row.images_per_s_b1:,.0f} images/s (batch 1, 1 thread)")
+    fastest = max(rows, key=lambda row: row.images_per_s_b1 or 0.0)
+    return models[fastest.runtime]
 
 
 def export_int8(
@@ -932,17 +1030,23 @@ def export_int8(
     but flips a few more close calls than it saves at 0.75. The agreement is always measured against the
     original float export.
 
-    Below ``min_agreement``, ``float_fallback`` lets float answer part of the work; "off" refuses instead,
-    and "auto" takes "close-calls" for classifiers, "first-layers" for the other outputs. Either way the
-    floor is then met on the images it was chosen on, so a separate test set gives the unbiased figure.
+    Below ``min_agreement``, ``float_fallback`` lets float answer part of the work; "off" refuses instead.
+    Every fallback is chosen on the held-out images, so the floor is met there by construction and a
+    separate test set gives the unbiased figure.
 
     "close-calls" (``fallback_to_float_on_close_calls``) hands float the images whose int8 top-two margin
     is narrow: as narrow as the widest among the held-out images whose top-1 flipped. Confident images keep
     int8's speed, close calls get float's answer. ``int8_float_fallback`` in the metadata says which share
-    of the held-out images went to float. For 0.99 chosen on 300 real photo crops
-    (``benchmarks/int8_agreement.py``), Google's 0.25-128 routes 22 % of them (1.25x LiteRT's uint8 speed
-    instead of 1.65x), 0.5-160 6 % (1.9x instead of 2.15x) and 0.75-192 7 % (2.0x instead of 2.5x); on 40
-    ImageNet photos it never saw, they agree 0.975, 1.000 and 1.000.
+    of the held-out images went to float.
+
+    "auto" is, for classifiers, the fastest of close-call routing on the int8 model and on those with a
+    quarter or half of the first convolutions in float (``fastest_routed_fallback``; with ``qat_epochs``,
+    close-calls alone), and "first-layers" for the other outputs. For 0.99 chosen on 300 real photo crops
+    (``benchmarks/int8_agreement.py``, one thread, batch 1): Google's 0.25-128 keeps its first 14 of 27
+    convolutions in float and routes 5 % of the crops (1.27x LiteRT's uint8 speed instead of 1.62x); 0.5-160
+    and 0.75-192 route 6 % and 7 % with none in float (1.87x and 1.99x instead of 2.12x and 2.47x). All
+    three agree 1.000 on 40 ImageNet photos they never saw; with routing alone, 0.25-128 routes 22 % of the
+    crops and agrees 0.975 there.
 
     "first-layers" keeps a longer run of the first convolutions in float
     (``float_layers``), the shortest that meets the floor on the held-out images, found by bisection.
@@ -1018,11 +1122,26 @@ def export_int8(
             log(
                 f"int8 float fallback: {report.summary()} is below the floor {min_agreement:g}; routing close calls"
             )
-            routed = Path(work) / "int8-close-calls.onnx"
-            report = fallback_to_float_on_close_calls(
-                float_result.path, quantized, routed, heldout, min_agreement
-            )
-            quantized = routed
+            if float_fallback == "auto" and not qat_epochs:
+                report, quantized = fastest_routed_fallback(
+                    task,
+                    float_result.path,
+                    quantized,
+                    Path(work),
+                    calibration,
+                    heldout,
+                    bits,
+                    corrected,
+                    min_agreement,
+                    tolerance,
+                    log,
+                )
+            else:
+                routed = Path(work) / "int8-close-calls.onnx"
+                report = fallback_to_float_on_close_calls(
+                    float_result.path, quantized, routed, heldout, min_agreement
+                )
+                quantized = routed
         elif below and fallback == "first-layers" and not qat_epochs:
             log(f"int8 float fallback: {report.summary()} is below the floor {min_agreement:g}; searching")
             found = search_float_prefix(

@@ -14,6 +14,7 @@ from mobilenets.datasets.images import images_in_folder
 from mobilenets.datasets.synthetic.calibration import make_calibration_patterns
 from mobilenets.tasks.classification import ImageClassifier
 from mobilenets.tasks.cli import main as cli_main
+from mobilenets.tasks.deploy import export as export_module
 from mobilenets.tasks.deploy.close_calls import (
     close_call_margin,
     route_close_calls,
@@ -21,6 +22,7 @@ from mobilenets.tasks.deploy.close_calls import (
     top_two_margins,
 )
 from mobilenets.tasks.deploy.export import (
+    conv_layers,
     export_onnx,
     onnx_metadata,
     ort_session,
@@ -30,6 +32,7 @@ from mobilenets.tasks.deploy.export import (
     sample_inputs,
 )
 from mobilenets.tasks.deploy.speed import _ExportAdapter, delta_orthogonal_
+from mobilenets.tasks.deploy.timing import SpeedRow
 
 SIZE = 32
 
@@ -109,7 +112,7 @@ def test_cli_routes_close_calls_of_a_classifier_to_float(
     argv += ["--heldout", str(heldout), "--min-agreement", "1.0"]
     assert cli_main([*argv, "--float-fallback", "off"]) != 0
     assert "is below the floor 1.0; not written" in capsys.readouterr().err and not out.exists()
-    assert cli_main(argv) == 0
+    assert cli_main([*argv, "--float-fallback", "close-calls"]) == 0
     assert "routing close calls" in capsys.readouterr().out
     metadata = onnx_metadata(out)
     assert metadata["int8_float_fallback"].startswith(
@@ -140,3 +143,45 @@ def test_close_calls_need_a_classifier(
     error = capsys.readouterr().err
     assert "close-calls needs a classifier's logits; this model's output_kind is embedding" in error
     assert "Traceback" not in error
+
+
+def test_auto_keeps_the_fastest_of_the_routed_models(
+    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    task = ImageClassifier(num_classes=100, width_mult=0.25, input_size=SIZE)
+    ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
+    calibration, heldout = tmp_path / "calibration", tmp_path / "heldout"
+    make_calibration_patterns(calibration, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
+    make_calibration_patterns(heldout, per_class=4, num_classes=5, size=SIZE + 8, seed=4)
+    timed: list[list[str]] = []
+
+    def quarter_fastest(
+        model: str, runs: list, rounds: int = 5, per_pass: int | None = None
+    ) -> list[SpeedRow]:
+        # the real runs are called once each (the routed models load and answer); the clock is made up
+        for _, run in runs:
+            run()
+        timed.append([label for label, _ in runs])
+        speeds = {label: 2000.0 if label.startswith("first 7 ") else 1000.0 for label, _ in runs}
+        return [SpeedRow(model, label, speeds[label], None, None, None) for label, _ in runs]
+
+    monkeypatch.setattr(export_module, "measure_alternating", quarter_fastest)
+    out = tmp_path / "int8.onnx"
+    argv = [
+        "export",
+        "--ckpt_path",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--int8",
+        "--calibration",
+        str(calibration),
+    ]
+    assert cli_main([*argv, "--heldout", str(heldout), "--min-agreement", "1.0"]) == 0
+    # none, a quarter (7 of 27) and half (14) of the convolutions in float, each routed where still short
+    assert [label.split(" of ")[0] for label in timed[0]] == ["none", "first 7", "first 14"]
+    assert "first 7 of 27 convolutions in float" in capsys.readouterr().out
+    metadata = onnx_metadata(out)
+    assert metadata["int8_float_fallback"].startswith("first 7 of 27 convolutions in float")
+    assert metadata["int8_float_layers"].split(",")[:7] == conv_layers(out)[:7]
