@@ -34,6 +34,7 @@ import platform
 import re
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from mobilenets.backbone.mobilenet import MobileNetV1
 from mobilenets.backbone.weights import load_pretrained
 from mobilenets.tasks.deploy.export import (
     DEFAULT_QAT_LR,
+    FallbackInputs,
     export_for_int8,
     export_onnx,
     fallback_to_float_on_close_calls,
@@ -221,25 +223,19 @@ def main() -> None:
                 fallbacks[f"ours int8, float fallback to {args.floor:g}: close calls ({report.detail})"] = (
                     close_calls
                 )
+                inputs = FallbackInputs(adapter, float_path, work, calibration, heldout, bits, corrected)
+                (work / "auto").mkdir()  # its models apart from the first-layers search's of the same count
                 _, auto_path = fastest_routed_fallback(
-                    adapter,
-                    float_path,
+                    replace(inputs, work=work / "auto"),
                     written[default],
-                    work,
-                    calibration,
-                    heldout,
-                    bits,
-                    corrected,
                     args.floor,
-                    log=functools.partial(print, f"{alpha}:", flush=True),
+                    functools.partial(print, f"{alpha}:", flush=True),
                 )
                 auto_label = onnx_metadata(auto_path)["int8_float_fallback"].replace(
                     f"; floor {args.floor:g}", ""
                 )
                 fallbacks[f"ours int8, float fallback to {args.floor:g}: auto, {auto_label}"] = auto_path
-                found = search_float_prefix(
-                    adapter, float_path, work, calibration, heldout, bits, corrected, args.floor
-                )
+                found = search_float_prefix(inputs, args.floor)
                 if found.path is None:
                     print(f"{alpha}: float fallback: not even all but the last convolution in float meets it")
                 else:

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -820,84 +820,75 @@ class FloatFallback:
     path: Path | None
 
 
-def quantize_with_float_prefix(
-    task: nn.Module,
-    float_path: Path,
-    work: Path,
-    calibration: np.ndarray,
-    heldout: np.ndarray,
-    bits: WeightBits,
-    bias_correction: bool,
-    count: int,
-    extra_metadata: dict[str, str] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> tuple[AgreementReport, Path]:
-    """The int8 model with the first ``count`` convolutions kept in float, in ``work``: the biases of the
-    rest corrected first when ``bias_correction`` (``export_for_int8``), then quantised (``quantize_onnx``);
-    ``int8_float_fallback`` in its metadata says how many are float. With its agreement on ``heldout``."""
-    total = len(conv_layers(float_path))
-    out = work / f"int8-prefix-{count}.onnx"
-    extra = {
-        **(extra_metadata or {}),
-        "int8_float_fallback": f"first {count} of {total} convolutions in float",
-    }
-    source = float_path
-    if bias_correction:
-        source = work / f"prefix-{count}.onnx"
+@dataclass(frozen=True)
+class FallbackInputs:
+    """What every float-fallback step quantises from: the task, its float export, a folder for the models
+    it writes, the calibration and held-out images, the int8 weight bits, whether biases are corrected
+    first, the export's tolerance, and metadata every model it writes records."""
+
+    task: nn.Module
+    float_path: Path
+    work: Path
+    calibration: np.ndarray
+    heldout: np.ndarray
+    bits: WeightBits
+    bias_correction: bool
+    tolerance: float = DEFAULT_TOLERANCE
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def quantize_with_float_prefix(inputs: FallbackInputs, count: int) -> tuple[AgreementReport, Path]:
+    """The int8 model with the first ``count`` convolutions kept in float, in ``inputs.work``: the biases
+    of the rest corrected first when ``inputs.bias_correction`` (``export_for_int8``), then quantised
+    (``quantize_onnx``); ``int8_float_fallback`` in its metadata says how many are float. With its
+    agreement on the held-out images."""
+    total = len(conv_layers(inputs.float_path))
+    out = inputs.work / f"int8-prefix-{count}.onnx"
+    extra = {**inputs.metadata, "int8_float_fallback": f"first {count} of {total} convolutions in float"}
+    source = inputs.float_path
+    if inputs.bias_correction:
+        source = inputs.work / f"prefix-{count}.onnx"
         export_for_int8(
-            task,
-            float_path,
+            inputs.task,
+            inputs.float_path,
             source,
-            calibration,
-            bits,
-            tolerance=tolerance,
+            inputs.calibration,
+            inputs.bits,
+            tolerance=inputs.tolerance,
             log=lambda _: None,
             float_prefix=count,
         )
     report = quantize_onnx(
-        source, out, calibration, heldout, 0.0, bits, float_path, extra, float_prefix=count
+        source,
+        out,
+        inputs.calibration,
+        inputs.heldout,
+        0.0,
+        inputs.bits,
+        inputs.float_path,
+        extra,
+        float_prefix=count,
     )
     return report, out
 
 
 def search_float_prefix(
-    task: nn.Module,
-    float_path: Path,
-    work: Path,
-    calibration: np.ndarray,
-    heldout: np.ndarray,
-    bits: WeightBits,
-    bias_correction: bool,
-    floor: float,
-    extra_metadata: dict[str, str] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-    log: Callable[[str], None] = print,
+    inputs: FallbackInputs, floor: float, log: Callable[[str], None] = print
 ) -> FloatFallback:
     """``export_int8``'s first-layers fallback: the shortest run of first convolutions kept in float whose
-    int8 model meets ``floor`` on ``heldout``, by bisection (``shortest_float_prefix``) from
+    int8 model meets ``floor`` on the held-out images, by bisection (``shortest_float_prefix``) from
     ``entry_layers`` up to all but the last convolution (all of them in float is no int8 model); each step
-    is ``quantize_with_float_prefix``, its model written to ``work``."""
-    total = len(conv_layers(float_path))
+    is ``quantize_with_float_prefix``."""
+    total = len(conv_layers(inputs.float_path))
     tried: dict[int, tuple[AgreementReport, Path]] = {}
 
     def meets(count: int) -> bool:
-        report, out = quantize_with_float_prefix(
-            task,
-            float_path,
-            work,
-            calibration,
-            heldout,
-            bits,
-            bias_correction,
-            count,
-            extra_metadata,
-            tolerance,
-        )
+        report, out = quantize_with_float_prefix(inputs, count)
         log(f"int8 float fallback: first {count} of {total} convolutions in float: {report.summary()}")
         tried[count] = (report, out)
         return report.value >= floor
 
-    count = shortest_float_prefix(meets, len(entry_layers(float_path)), total - 1)
+    count = shortest_float_prefix(meets, len(entry_layers(inputs.float_path)), total - 1)
     if count is None:
         return FloatFallback(None, total, tried[total - 1][0], None)
     return FloatFallback(count, total, *tried[count])
@@ -949,17 +940,7 @@ ROUTED_PREFIX_SHARES = (0.25, 0.5)
 
 
 def fastest_routed_fallback(
-    task: nn.Module,
-    float_path: Path,
-    int8_path: Path,
-    work: Path,
-    calibration: np.ndarray,
-    heldout: np.ndarray,
-    bits: WeightBits,
-    bias_correction: bool,
-    floor: float,
-    tolerance: float = DEFAULT_TOLERANCE,
-    log: Callable[[str], None] = print,
+    inputs: FallbackInputs, int8_path: Path, floor: float, log: Callable[[str], None] = print
 ) -> tuple[AgreementReport, Path]:
     """``--float-fallback auto`` for classifiers: the int8 model at ``int8_path`` and those with the first
     ``ROUTED_PREFIX_SHARES`` of the convolutions in float (``quantize_with_float_prefix``), each with its
@@ -967,6 +948,7 @@ def fastest_routed_fallback(
     timed at batch 1 on one thread over the held-out images in alternating rounds; the fastest, with its
     agreement. Which one is fastest depends on how many close calls each leaves and on the CPU, so it is
     measured, not guessed."""
+    float_path, heldout = inputs.float_path, inputs.heldout
     total = len(conv_layers(float_path))
     models: dict[str, tuple[AgreementReport, Path]] = {}
     for share in (0.0, *ROUTED_PREFIX_SHARES):
@@ -974,20 +956,10 @@ def fastest_routed_fallback(
         path = int8_path
         report = None
         if count is not None:
-            report, path = quantize_with_float_prefix(
-                task,
-                float_path,
-                work,
-                calibration,
-                heldout,
-                bits,
-                bias_correction,
-                count,
-                tolerance=tolerance,
-            )
+            report, path = quantize_with_float_prefix(inputs, count)
         label = f"{'none' if count is None else f'first {count}'} of {total} convolutions in float"
         if report is None or not report.value >= floor:
-            routed = work / f"{path.stem}-close-calls.onnx"
+            routed = inputs.work / f"{path.stem}-close-calls.onnx"
             report = fallback_to_float_on_close_calls(float_path, path, routed, heldout, floor)
             label, path = f"{label}, close calls routed", routed
         log(f"int8 float fallback: {label}: {report.summary()}")
@@ -1118,24 +1090,23 @@ def export_int8(
                 f"{report.value:.4f} against {other:.4f}"
             )
         below = not report.value >= min_agreement
+        inputs = FallbackInputs(
+            task,
+            float_result.path,
+            Path(work),
+            calibration,
+            heldout,
+            bits,
+            corrected,
+            tolerance,
+            {**qat, "int8_bias_correction": labels[corrected]},
+        )
         if below and fallback == "close-calls":
             log(
                 f"int8 float fallback: {report.summary()} is below the floor {min_agreement:g}; routing close calls"
             )
             if float_fallback == "auto" and not qat_epochs:
-                report, quantized = fastest_routed_fallback(
-                    task,
-                    float_result.path,
-                    quantized,
-                    Path(work),
-                    calibration,
-                    heldout,
-                    bits,
-                    corrected,
-                    min_agreement,
-                    tolerance,
-                    log,
-                )
+                report, quantized = fastest_routed_fallback(inputs, quantized, min_agreement, log)
             else:
                 routed = Path(work) / "int8-close-calls.onnx"
                 report = fallback_to_float_on_close_calls(
@@ -1144,19 +1115,7 @@ def export_int8(
                 quantized = routed
         elif below and fallback == "first-layers" and not qat_epochs:
             log(f"int8 float fallback: {report.summary()} is below the floor {min_agreement:g}; searching")
-            found = search_float_prefix(
-                task,
-                float_result.path,
-                Path(work),
-                calibration,
-                heldout,
-                bits,
-                corrected,
-                min_agreement,
-                {"int8_bias_correction": labels[corrected]},
-                tolerance,
-                log,
-            )
+            found = search_float_prefix(inputs, min_agreement, log)
             if found.path is None:
                 raise AgreementError(
                     f"{out}: {report.summary()} is below the floor {min_agreement}, and so is "

@@ -88,28 +88,26 @@ def test_the_routed_graph_takes_float_exactly_on_the_close_calls(
     assert onnx_metadata(out) == onnx_metadata(int8_path)
 
 
-def test_cli_routes_close_calls_of_a_classifier_to_float(
-    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture
-) -> None:
+@pytest.fixture
+def unsure_classifier(tmp_path: Path, save_checkpoint: Callable) -> tuple[Path, list[str]]:
+    """An untrained 100-class checkpoint (its logits lie close together, so int8 flips many) and the
+    ``export --int8`` arguments for it, with calibration and held-out pattern folders and a floor of 1."""
     torch.manual_seed(0)
-    # 100 classes of an untrained network: its logits lie close together, so int8 flips many
     task = ImageClassifier(num_classes=100, width_mult=0.25, input_size=SIZE)
     ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
     calibration, heldout = tmp_path / "calibration", tmp_path / "heldout"
     make_calibration_patterns(calibration, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
     make_calibration_patterns(heldout, per_class=4, num_classes=5, size=SIZE + 8, seed=4)
+    argv = ["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "int8.onnx"), "--int8"]
+    argv += ["--calibration", str(calibration), "--heldout", str(heldout), "--min-agreement", "1.0"]
+    return ckpt, argv
+
+
+def test_cli_routes_close_calls_of_a_classifier_to_float(
+    tmp_path: Path, unsure_classifier: tuple[Path, list[str]], capsys: pytest.CaptureFixture
+) -> None:
+    ckpt, argv = unsure_classifier
     out = tmp_path / "int8.onnx"
-    argv = [
-        "export",
-        "--ckpt_path",
-        str(ckpt),
-        "--out",
-        str(out),
-        "--int8",
-        "--calibration",
-        str(calibration),
-    ]
-    argv += ["--heldout", str(heldout), "--min-agreement", "1.0"]
     assert cli_main([*argv, "--float-fallback", "off"]) != 0
     assert "is below the floor 1.0; not written" in capsys.readouterr().err and not out.exists()
     assert cli_main([*argv, "--float-fallback", "close-calls"]) == 0
@@ -119,10 +117,9 @@ def test_cli_routes_close_calls_of_a_classifier_to_float(
         "float on close calls: int8 top-two logit margin below "
     )
     assert float(metadata["int8_close_call_margin"]) > 0
-    assert (
-        metadata["int8_weight_bits"] in ("7", "8") and "int8_bias_correction" in metadata
-    )  # the int8 file's
-    images = preprocess_images(images_in_folder(heldout, "held-out"), metadata)
+    # the int8 file's own keys stay
+    assert metadata["int8_weight_bits"] in ("7", "8") and "int8_bias_correction" in metadata
+    images = preprocess_images(images_in_folder(tmp_path / "heldout", "held-out"), metadata)
     float_path = tmp_path / "float.onnx"
     assert cli_main(["export", "--ckpt_path", str(ckpt), "--out", str(float_path)]) == 0
     reference = run_onnx(ort_session(float_path), images)[0]
@@ -146,14 +143,12 @@ def test_close_calls_need_a_classifier(
 
 
 def test_auto_keeps_the_fastest_of_the_routed_models(
-    tmp_path: Path, save_checkpoint: Callable, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    unsure_classifier: tuple[Path, list[str]],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    torch.manual_seed(0)
-    task = ImageClassifier(num_classes=100, width_mult=0.25, input_size=SIZE)
-    ckpt = save_checkpoint(task, tmp_path / "tiny.ckpt")
-    calibration, heldout = tmp_path / "calibration", tmp_path / "heldout"
-    make_calibration_patterns(calibration, per_class=2, num_classes=5, size=SIZE + 8, seed=3)
-    make_calibration_patterns(heldout, per_class=4, num_classes=5, size=SIZE + 8, seed=4)
+    _, argv = unsure_classifier
     timed: list[list[str]] = []
 
     def quarter_fastest(
@@ -167,21 +162,11 @@ def test_auto_keeps_the_fastest_of_the_routed_models(
         return [SpeedRow(model, label, speeds[label], None, None, None) for label, _ in runs]
 
     monkeypatch.setattr(export_module, "measure_alternating", quarter_fastest)
-    out = tmp_path / "int8.onnx"
-    argv = [
-        "export",
-        "--ckpt_path",
-        str(ckpt),
-        "--out",
-        str(out),
-        "--int8",
-        "--calibration",
-        str(calibration),
-    ]
-    assert cli_main([*argv, "--heldout", str(heldout), "--min-agreement", "1.0"]) == 0
+    assert cli_main(argv) == 0
     # none, a quarter (7 of 27) and half (14) of the convolutions in float, each routed where still short
     assert [label.split(" of ")[0] for label in timed[0]] == ["none", "first 7", "first 14"]
     assert "first 7 of 27 convolutions in float" in capsys.readouterr().out
+    out = tmp_path / "int8.onnx"
     metadata = onnx_metadata(out)
     assert metadata["int8_float_fallback"].startswith("first 7 of 27 convolutions in float")
     assert metadata["int8_float_layers"].split(",")[:7] == conv_layers(out)[:7]
