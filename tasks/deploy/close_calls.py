@@ -3,11 +3,10 @@
 At 0.25-128, int8 moves Google's logits by about 0.3 (the median of each image's largest change), while
 float's own top two lie within 0.05 of each other on 5-10 % of real photos: no int8 keeps those calls, not
 even with all but the last convolution in float. An image whose int8 top-two margin is wide keeps its
-top-1 under such a change, so only the narrow ones need float. The routed graph runs the int8 network and,
-when some image of the batch is a close call (int8 top-two margin below ``margin``), the float network too
-(an ONNX ``If``), whose logits replace int8's on those images only. An image's output does not depend on
-the rest of its batch, but a batch pays for float whenever one of its images is close: the saving is
-largest at batch 1, a phone's case.
+top-1 under such a change, so only the narrow ones need float. The routed graph runs the int8 network on
+the batch and, when some of its images are close calls (int8 top-two margin below ``margin``), the float
+network on those images only (an ONNX ``If``; ``Gather`` and ``ScatterND``), whose logits replace int8's
+there. An image's output does not depend on the rest of its batch.
 """
 
 from __future__ import annotations
@@ -59,8 +58,13 @@ def route_close_calls(int8_model: object, float_model: object, margin: float) ->
         node.input[:] = [int8_logits if value == output else value for value in node.input]
         node.output[:] = [int8_logits if value == output else value for value in node.output]
 
-    # the float network inside the If: every name of its own prefixed, the shared input left as it is
+    # the float network inside the If, on the close calls only: every name of its own prefixed, its input
+    # the images gathered from the batch
+    def name(value: str) -> str:
+        return ROUTING + value
+
     renamed = {init.name: FLOAT + init.name for init in float_graph.initializer}
+    renamed[float_graph.input[0].name] = name("close_images")
     renamed.update({value: FLOAT + value for node in float_graph.node for value in node.output})
     for node in float_graph.node:
         node.input[:] = [renamed.get(value, value) for value in node.input]
@@ -69,9 +73,6 @@ def route_close_calls(int8_model: object, float_model: object, margin: float) ->
     for init in float_graph.initializer:
         init.name = renamed[init.name]
     float_logits = renamed[float_graph.output[0].name]
-
-    def name(value: str) -> str:
-        return ROUTING + value
 
     routed = [
         helper.make_node("TopK", [int8_logits, name("k")], [name("top_two"), name("top_two_index")], axis=1),
@@ -87,8 +88,15 @@ def route_close_calls(int8_model: object, float_model: object, margin: float) ->
     logits = helper.make_tensor_value_info
     with_float = helper.make_graph(
         [
+            helper.make_node("Reshape", [name("close"), name("flat")], [name("close_rows")]),
+            helper.make_node("NonZero", [name("close_rows")], [name("close_index_row")]),
+            helper.make_node("Transpose", [name("close_index_row")], [name("close_index")], perm=[1, 0]),
+            helper.make_node("Reshape", [name("close_index"), name("flat")], [name("close_index_flat")]),
+            helper.make_node(
+                "Gather", [graph.input[0].name, name("close_index_flat")], [name("close_images")], axis=0
+            ),
             *float_graph.node,
-            helper.make_node("Where", [name("close"), float_logits, int8_logits], [name("routed")]),
+            helper.make_node("ScatterND", [int8_logits, name("close_index"), float_logits], [name("routed")]),
         ],
         "float_on_close_calls",
         [],
@@ -112,6 +120,7 @@ def route_close_calls(int8_model: object, float_model: object, margin: float) ->
             numpy_helper.from_array(np.array([2], np.int64), name("k")),
             numpy_helper.from_array(np.array(margin, np.float32), name("threshold")),
             numpy_helper.from_array(np.array(0.0, np.float32), name("zero")),
+            numpy_helper.from_array(np.array([-1], np.int64), name("flat")),
         ]
     )
     return int8_model
