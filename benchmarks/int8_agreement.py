@@ -124,7 +124,9 @@ def main() -> None:
     parser.add_argument("--weight-bits", type=int, choices=(7, 8), default=None, help="default: this CPU's")
     parser.add_argument("--confident", type=float, default=0.3)
     parser.add_argument("--tflite-dir", type=Path, default=DEFAULT_TFLITE_DIR)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads of LiteRT and ONNX Runtime in the speed rows"
+    )
     parser.add_argument("--noise", type=float, default=0.5, help="grey levels of the noise-floor row")
     parser.add_argument("--floor", type=float, default=0.99, help="agreement floor of the float fallback row")
     parser.add_argument(
@@ -259,14 +261,14 @@ def main() -> None:
                 )
             if fallbacks:
                 # a routed model's speed depends on the images: every runner goes round all held-out images
-                lite = LiteRTModel(path, 1)
+                lite = LiteRTModel(path, args.threads)
                 runs = [("LiteRT", cycling([lite.runner(image) for image in heldout]))]
                 models = {
                     "int8 default": written[default],
                     **{k.split(": ", 1)[1]: v for k, v in fallbacks.items()},
                 }
                 for name, model_path in models.items():
-                    session = ort_session(model_path, 1)
+                    session = ort_session(model_path, args.threads)
                     runs.append(
                         (
                             name,
@@ -311,7 +313,7 @@ def main() -> None:
             f"| {model_name} | {label} | {whole:.3f} | {sure:.3f} | {count} | {divergence} | {correct} | {test_cell} |"
         )
     if speeds:
-        print(f"\nbatch 1, 1 thread, alternating; {platform.machine()} ({cpu_isa()})")
+        print(f"\nbatch 1, {args.threads} thread(s), alternating; {platform.machine()} ({cpu_isa()})")
         print("| model | runtime | img/s | vs LiteRT |")
         print("|---|---|---:|---:|")
         for row in speeds:

@@ -1052,6 +1052,14 @@ def export_int8(
             )
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)
+        enough = math.ceil(3 / (1 - min_agreement)) if min_agreement < 1 else 0
+        if len(heldout) < enough:
+            # the rule of three: no flip among n images bounds the flip rate below 3 / n (95 % confidence)
+            log(
+                f"note: {len(heldout)} held-out images can show an agreement of at most "
+                f"{max(0.0, 1 - 3 / len(heldout)):.3f} (95 % confidence, none flipping); {min_agreement:g} takes "
+                f"{enough} or more (--heldout)"
+            )
         qat = {"int8_qat_epochs": str(qat_epochs), "int8_qat_lr": f"{qat_lr:g}"} if qat_epochs else {}
         choices = {"on": (True,), "off": (False,), "auto": (True, False)}[bias_correction]
         labels = {
