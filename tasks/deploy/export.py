@@ -1043,12 +1043,15 @@ def export_int8(
         float_result = export_onnx(task, Path(work) / "float.onnx", tolerance)
         metadata = float_result.metadata
         kind = output_kind(metadata)
+        outputs = len(ort_session(float_result.path).get_outputs())
+        classifier = kind == "logits" and outputs == 1
         fallback = float_fallback
         if fallback == "auto":
-            fallback = "close-calls" if kind == "logits" else "first-layers"
-        if fallback == "close-calls" and kind != "logits":
+            fallback = "close-calls" if classifier else "first-layers"
+        if fallback == "close-calls" and not classifier:
             raise ExportError(
-                f"--float-fallback close-calls needs a classifier's logits; this model's output_kind is {kind}"
+                "--float-fallback close-calls needs a classifier's logits as the one output; this model has "
+                f"output_kind {kind} and {outputs} output(s)"
             )
         calibration = preprocess_images(calibration_paths, metadata)
         heldout = preprocess_images(heldout_paths, metadata)

@@ -139,7 +139,10 @@ def test_close_calls_need_a_classifier(
     argv += ["--calibration", str(folder), "--float-fallback", "close-calls"]
     assert cli_main(argv) == 2
     error = capsys.readouterr().err
-    assert "close-calls needs a classifier's logits; this model's output_kind is embedding" in error
+    assert (
+        "close-calls needs a classifier's logits as the one output; this model has output_kind embedding"
+        in error
+    )
     assert "Traceback" not in error
 
 
