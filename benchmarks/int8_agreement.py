@@ -50,6 +50,7 @@ from mobilenets.tasks.deploy.export import (
     fallback_to_float_on_close_calls,
     fastest_routed_fallback,
     int8_weight_bits,
+    mean_kl_divergence,
     onnx_metadata,
     ort_session,
     quantize_onnx,
@@ -108,12 +109,6 @@ def labels_in_names(folder: Path) -> np.ndarray | None:
     if not paths or not all(found):
         return None
     return np.repeat([int(match.group(1)) for match in found if match], 2)
-
-
-def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
-    """Mean KL divergence of ``other``'s softmax from ``reference``'s: closeness finer than top-1."""
-    p, q = torch.from_numpy(reference).log_softmax(1), torch.from_numpy(other).log_softmax(1)
-    return float((p.exp() * (p - q)).sum(1).mean())
 
 
 def main() -> None:
@@ -286,7 +281,7 @@ def main() -> None:
                     top1_agreement(reference, outputs),
                     top1_agreement(reference, outputs, confident),
                     len(confident),
-                    None if "LiteRT" in label else mean_kl(reference, outputs),
+                    None if "LiteRT" in label else mean_kl_divergence(reference, outputs),
                     None if labels is None else float((outputs.argmax(1) == labels).mean()),
                     on_test.get(label),
                 )
