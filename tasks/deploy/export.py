@@ -945,7 +945,7 @@ def fallback_to_float_on_close_calls(
 #: (alternating passes over the same images still differ by a few per cent here). The one closest to
 #: float wins: it leaves fewer close calls on images the held-out ones did not show. At 0.25-128, chosen on
 #: 300 crops, routing with the first 14 in float (mean KL 0.0010) agreed 1.000 on 40 ImageNet photos,
-#: routing with none (0.0031, 1 % slower) 0.975.
+#: routing with none (0.0031, 3 % slower) 0.975.
 SPEED_TIE = 0.9
 #: The runs of first convolutions ``--float-fallback auto`` keeps in float under a classifier's close-call
 #: routing, as shares of the convolutions (besides none). More in float narrows what must be routed: at
