@@ -56,13 +56,13 @@ from mobilenets.tasks.deploy.export import (
     quantize_onnx,
     run_onnx,
     search_float_prefix,
+    session_runner,
 )
 from mobilenets.tasks.deploy.speed import (
     DEFAULT_TFLITE_DIR,
     OFFICIAL_TFLITE,
     LiteRTModel,
     _ExportAdapter,
-    _session_runner,
     cpu_isa,
     official_tflite,
     photo_variants,
@@ -214,8 +214,8 @@ def main() -> None:
             fallbacks: dict[str, Path] = {}
             if top1_agreement(reference, auto) < args.floor:
                 close_calls = work / "int8-close-calls.onnx"
-                report = fallback_to_float_on_close_calls(
-                    float_path, written[default], close_calls, heldout, args.floor
+                report, _ = fallback_to_float_on_close_calls(
+                    float_path, written[default], close_calls, heldout, reference, args.floor
                 )
                 fallbacks[f"ours int8, float fallback to {args.floor:g}: close calls ({report.detail})"] = (
                     close_calls
@@ -268,7 +268,7 @@ def main() -> None:
                         (
                             name,
                             cycling(
-                                [_session_runner(session, heldout[i : i + 1]) for i in range(len(heldout))]
+                                [session_runner(session, heldout[i : i + 1]) for i in range(len(heldout))]
                             ),
                         )
                     )

@@ -248,6 +248,12 @@ def run_onnx(session: Any, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(array, dtype=np.float32)})
 
 
+def session_runner(session: Any, x: np.ndarray) -> Callable[[], object]:
+    """One timed call of ``session`` on ``x``: the input is fed as it is, converted once beforehand."""
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}
+    return lambda: session.run(None, feed)
+
+
 def onnx_metadata(path: str | Path) -> dict[str, str]:
     """The metadata properties of an ONNX file."""
     import onnx
@@ -910,16 +916,17 @@ def fallback_to_float_on_close_calls(
     int8_path: Path,
     out: Path,
     heldout: np.ndarray,
+    reference: np.ndarray,
     floor: float,
-) -> AgreementReport:
+) -> tuple[AgreementReport, np.ndarray]:
     """``export_int8``'s float fallback for classifiers: the int8 model at ``int8_path`` with the float one
     answering its close calls (``close_calls``), written to ``out``. The routing margin is just above the
-    widest int8 top-two margin among the held-out images whose top-1 int8 flips, so that none of them flips
-    there; metadata ``int8_close_call_margin`` holds it and ``int8_float_fallback`` says what share of the
-    held-out images it hands to float. The report is the routed model's own agreement on ``heldout``."""
+    widest int8 top-two margin among the held-out images whose top-1 int8 flips against ``reference``
+    (the float model's logits on ``heldout``), so that none of them flips there; metadata
+    ``int8_close_call_margin`` holds it and ``int8_float_fallback`` says what share of the held-out images
+    it hands to float. Returns the routed model's own agreement on ``heldout``, and its logits there."""
     import onnx
 
-    reference = run_onnx(ort_session(float_path), heldout)[0]
     quantized = run_onnx(ort_session(int8_path), heldout)[0]
     margin = close_call_margin(reference, quantized) or 0.0
     share = routed_share(quantized, margin)
@@ -936,9 +943,10 @@ def fallback_to_float_on_close_calls(
     onnx.helper.set_model_props(model, {**metadata, **extra})
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
-    report = agreement("logits", [reference], run_onnx(ort_session(out), heldout))
+    routed_logits = run_onnx(ort_session(out), heldout)[0]
+    report = agreement("logits", [reference], [routed_logits])
     routed = f"{share:.1%} of them to float"
-    return replace(report, detail=f"{report.detail}; {routed}" if report.detail else routed)
+    return replace(report, detail=f"{report.detail}; {routed}" if report.detail else routed), routed_logits
 
 
 #: Candidates of ``--float-fallback auto`` at least this share of the fastest one's speed count as tied
@@ -978,17 +986,19 @@ def fastest_routed_fallback(
         label = f"{'none' if count is None else f'first {count}'} of {total} convolutions in float"
         if report is None or report.value < 1:
             routed = inputs.work / f"{path.stem}-close-calls.onnx"
-            report = fallback_to_float_on_close_calls(float_path, path, routed, heldout, floor)
+            report, logits = fallback_to_float_on_close_calls(
+                float_path, path, routed, heldout, reference, floor
+            )
             label, path = f"{label}, close calls routed", routed
+        else:
+            logits = run_onnx(ort_session(path), heldout)[0]
         log(f"int8 float fallback: {label}: {report.summary()}")
         models[label] = (report, path)
-        divergence[label] = mean_kl_divergence(reference, run_onnx(ort_session(path), heldout)[0])
+        divergence[label] = mean_kl_divergence(reference, logits)
     runs = []
     for label, (_, path) in models.items():
         session = ort_session(path, 1)
-        runs.append(
-            (label, cycling([functools.partial(run_onnx, session, image[None]) for image in heldout]))
-        )
+        runs.append((label, cycling([session_runner(session, image[None]) for image in heldout])))
     rows = measure_alternating("float fallback", runs, rounds=3, per_pass=len(heldout))
     speeds = {row.runtime: row.images_per_s_b1 or 0.0 for row in rows}
     for label, speed in speeds.items():
@@ -1065,7 +1075,7 @@ def export_int8(
         float_result = export_onnx(task, Path(work) / "float.onnx", tolerance)
         metadata = float_result.metadata
         kind = output_kind(metadata)
-        outputs = len(ort_session(float_result.path).get_outputs())
+        outputs = len(parse_name_list(metadata["output_names"]))  # export_onnx always records them
         classifier = kind == "logits" and outputs == 1
         fallback = float_fallback
         if fallback == "auto":
@@ -1142,8 +1152,9 @@ def export_int8(
                 report, quantized = fastest_routed_fallback(inputs, quantized, min_agreement, log)
             else:
                 routed = Path(work) / "int8-close-calls.onnx"
-                report = fallback_to_float_on_close_calls(
-                    float_result.path, quantized, routed, heldout, min_agreement
+                reference = run_onnx(ort_session(float_result.path), heldout)[0]
+                report, _ = fallback_to_float_on_close_calls(
+                    float_result.path, quantized, routed, heldout, reference, min_agreement
                 )
                 quantized = routed
         elif below and fallback == "first-layers" and not qat_epochs:

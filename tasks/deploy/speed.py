@@ -59,6 +59,7 @@ from mobilenets.tasks.deploy.export import (
     preprocess_images,
     quantize_onnx,
     run_onnx,
+    session_runner,
 )
 from mobilenets.tasks.deploy.timing import (
     SpeedRow,
@@ -642,16 +643,11 @@ def litert_report(
                 peer = LiteRTModel(path, count)
                 runs = [
                     (f"LiteRT XNNPACK, Google's uint8 file (peer), {count}T", peer.runner(image[0])),
-                    (f"ONNX Runtime fp32, {count}T", _session_runner(ort_session(float_path, count), image)),
+                    (f"ONNX Runtime fp32, {count}T", session_runner(ort_session(float_path, count), image)),
                 ]
                 runs += [
-                    (f"ONNX Runtime int8 ({label}), {count}T", _session_runner(ort_session(p, count), image))
+                    (f"ONNX Runtime int8 ({label}), {count}T", session_runner(ort_session(p, count), image))
                     for p, label in int8_paths.items()
                 ]
                 rows += measure_alternating(name, runs, repeats)
     return rows, lines
-
-
-def _session_runner(session: object, x: np.ndarray) -> Callable[[], object]:
-    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}
-    return lambda: session.run(None, feed)
