@@ -851,14 +851,19 @@ class FallbackInputs:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def quantize_with_float_prefix(inputs: FallbackInputs, count: int) -> tuple[AgreementReport, Path]:
+def quantize_with_float_prefix(
+    inputs: FallbackInputs, count: int, floor: float | None = None
+) -> tuple[AgreementReport, Path]:
     """The int8 model with the first ``count`` convolutions kept in float, in ``inputs.work``: the biases
     of the rest corrected first when ``inputs.bias_correction`` (``export_for_int8``), then quantised
-    (``quantize_onnx``); ``int8_float_fallback`` in its metadata says how many are float. With its
-    agreement on the held-out images."""
+    (``quantize_onnx``); ``int8_float_fallback`` in its metadata says how many are float (and for which
+    ``floor``, when one chose them). With its agreement on the held-out images."""
     total = len(conv_layers(inputs.float_path))
     out = inputs.work / f"int8-prefix-{count}.onnx"
-    extra = {**inputs.metadata, "int8_float_fallback": f"first {count} of {total} convolutions in float"}
+    fallback = f"first {count} of {total} convolutions in float" + (
+        "" if floor is None else f" (floor {floor:g})"
+    )
+    extra = {**inputs.metadata, "int8_float_fallback": fallback}
     source = inputs.float_path
     if inputs.bias_correction:
         source = inputs.work / f"prefix-{count}.onnx"
@@ -897,7 +902,7 @@ def search_float_prefix(
     tried: dict[int, tuple[AgreementReport, Path]] = {}
 
     def meets(count: int) -> bool:
-        report, out = quantize_with_float_prefix(inputs, count)
+        report, out = quantize_with_float_prefix(inputs, count, floor)
         log(f"int8 float fallback: first {count} of {total} convolutions in float: {report.summary()}")
         tried[count] = (report, out)
         return report.value >= floor
@@ -1045,15 +1050,15 @@ def export_int8(
 
     "auto" is, for classifiers, the fastest of close-call routing on the int8 model and on those with a
     quarter or half of the first convolutions in float, ties going to the closest to float
-    (``fastest_routed_fallback``; with ``qat_epochs``, close-calls alone), and "first-layers" for the other outputs. For 0.99 chosen on 300 real photo crops
-    (``benchmarks/int8_agreement.py``, one thread, batch 1): Google's 0.25-128 keeps its first 14 of 27
-    convolutions in float and routes 5 % of the crops (1.27x LiteRT's uint8 speed instead of 1.62x); 0.5-160
-    and 0.75-192 route 6 % and 7 % with none in float (1.87x and 1.99x instead of 2.12x and 2.47x). All
-    three agree 1.000 on 40 ImageNet photos they never saw; with routing alone, 0.25-128 routes 22 % of the
-    crops and agrees 0.975 there.
+    (``fastest_routed_fallback``; with ``qat_epochs``, close-calls alone), and "first-layers" for the other
+    outputs. For 0.99 chosen on 300 real photo crops (``benchmarks/int8_agreement.py``, one thread, batch
+    1): Google's 0.25-128 keeps its first 14 of 27 convolutions in float and routes 5 % of the crops (1.27x
+    LiteRT's uint8 speed instead of 1.62x); 0.5-160 and 0.75-192 route 6 % and 7 % with none in float (1.87x
+    and 1.99x instead of 2.12x and 2.47x). All three agree 1.000 on 40 ImageNet photos they never saw; with
+    routing alone, 0.25-128 routes 22 % of the crops and agrees 0.975 there.
 
-    "first-layers" keeps a longer run of the first convolutions in float
-    (``float_layers``), the shortest that meets the floor on the held-out images, found by bisection.
+    "first-layers" keeps a longer run of the first convolutions in float (``float_layers``), the shortest
+    that meets the floor on the held-out images, found by bisection.
     The first layers are the most sensitive (few channels; at 0.25-128 the first pointwise layer's int8
     input alone costs a fifth of the KL divergence) and the slowest in int8, and one run needs no int8
     boundary inside it. ``int8_float_fallback`` in the metadata says how many are float. For 0.99 on 300
